@@ -1,0 +1,150 @@
+"""The two black-box meta-learners compared in hw1.
+
+Both read a task as one sequence of N*(K+1) steps: the K support rows (image concatenated with its
+one-hot label), then the query row with the labels zeroed, and predict the class of every step.
+Only the query predictions enter the loss (:func:`query_loss`).
+
+- :class:`LSTMMANN`: the course model, two stacked LSTMs (``hidden_dim``, then N outputs).
+- :class:`MemoryMANN`: the memory-augmented network of Santoro et al. 2016, "Meta-Learning with
+  Memory-Augmented Neural Networks": an LSTM controller, an external memory read by cosine-similarity
+  attention and written by least-recently-used access (LRUA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.errors import CS330Error
+
+IMAGE_DIM = 28 * 28
+
+
+def _init_lstm(lstm: nn.LSTM | nn.LSTMCell) -> None:
+    """Xavier for input weights, orthogonal for recurrent weights, zero biases (the course init)."""
+    for name, param in lstm.named_parameters():
+        if name.startswith("weight_ih"):
+            nn.init.xavier_uniform_(param)
+        elif name.startswith("weight_hh"):
+            nn.init.orthogonal_(param)
+        elif name.startswith("bias"):
+            nn.init.zeros_(param)
+
+
+def _init_linear(layer: nn.Linear) -> None:
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+
+
+def model_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, K+1, N, 784]`` images + ``[B, K+1, N, N]`` labels -> ``[B, N*(K+1), 784+N]`` step inputs
+    with the query labels zeroed, so the model never sees them. Wrong shapes get a clear error."""
+    if images.dim() != 4 or labels.dim() != 4:
+        raise CS330Error(f"expected images [B, K+1, N, 784] and labels [B, K+1, N, N], "
+                         f"got {tuple(images.shape)} and {tuple(labels.shape)}")
+    batch, rows, n, image_dim = images.shape
+    if n != num_classes or labels.shape != (batch, rows, n, num_classes):
+        raise CS330Error(f"the model was built for {num_classes}-way tasks but got images {tuple(images.shape)} "
+                         f"and labels {tuple(labels.shape)}; expected labels [B, K+1, {num_classes}, {num_classes}]")
+    if image_dim != IMAGE_DIM:
+        raise CS330Error(f"expected flattened 28x28 images (784 values), got {image_dim}")
+    visible_labels = torch.cat([labels[:, :-1], torch.zeros_like(labels[:, -1:])], dim=1)  # [B, K+1, N, N]
+    steps = torch.cat([images, visible_labels], dim=-1)  # [B, K+1, N, 784+N]
+    return steps.reshape(batch, rows * n, image_dim + num_classes)
+
+
+def query_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the query row only: logits and labels ``[B, K+1, N, N]``."""
+    n = logits.shape[-1]
+    return F.cross_entropy(logits[:, -1].reshape(-1, n), labels[:, -1].argmax(-1).reshape(-1))
+
+
+class LSTMMANN(nn.Module):
+    """Two stacked LSTMs: ``784+N -> hidden_dim -> N``; the second LSTM's output is the logits."""
+
+    def __init__(self, num_classes: int, hidden_dim: int = 128) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.layer1 = nn.LSTM(IMAGE_DIM + num_classes, hidden_dim, batch_first=True)
+        self.layer2 = nn.LSTM(hidden_dim, num_classes, batch_first=True)
+        _init_lstm(self.layer1)
+        _init_lstm(self.layer2)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """images ``[B, K+1, N, 784]``, labels ``[B, K+1, N, N]`` -> logits ``[B, K+1, N, N]``."""
+        steps = model_inputs(images, labels, self.num_classes)  # [B, T, 784+N], T = N*(K+1)
+        hidden, _ = self.layer1(steps)  # [B, T, hidden]
+        logits, _ = self.layer2(hidden)  # [B, T, N]
+        return logits.reshape(labels.shape)
+
+
+class MemoryMANN(nn.Module):
+    """Santoro et al. (2016) MANN: LSTM controller + external memory with LRUA writes.
+
+    At step t the controller reads ``[x_t, r_{t-1}]`` and emits, per read head, a key ``k_t``
+    (tanh) and a write gate ``alpha``. Writing (before reading, as in the paper): the least-used
+    slot is zeroed, then each head adds its key with weights
+    ``w^w_t = sigmoid(alpha) * w^r_{t-1} + (1 - sigmoid(alpha)) * w^lu_{t-1}`` (head j's
+    ``w^lu`` is one-hot on the j-th least-used slot). Reading: ``w^r_t = softmax(cosine(k_t, M_t))``,
+    ``r_t = w^r_t M_t``. Usage decays: ``w^u_t = gamma * w^u_{t-1} + w^r_t + w^w_t``. The logits
+    come from ``[h_t, r_t]``. Memory is reset for every task.
+    """
+
+    def __init__(self, num_classes: int, hidden_dim: int = 128, memory_slots: int = 128,
+                 memory_dim: int = 40, num_reads: int = 4, gamma: float = 0.95) -> None:
+        super().__init__()
+        if num_reads > memory_slots:
+            raise CS330Error(f"num_reads ({num_reads}) cannot exceed memory_slots ({memory_slots})")
+        self.num_classes, self.hidden_dim = num_classes, hidden_dim
+        self.memory_slots, self.memory_dim, self.num_reads, self.gamma = memory_slots, memory_dim, num_reads, gamma
+        self.controller = nn.LSTMCell(IMAGE_DIM + num_classes + num_reads * memory_dim, hidden_dim)
+        self.key = nn.Linear(hidden_dim, num_reads * memory_dim)
+        self.write_gate = nn.Linear(hidden_dim, num_reads)
+        self.output = nn.Linear(hidden_dim + num_reads * memory_dim, num_classes)
+        _init_lstm(self.controller)
+        for layer in (self.key, self.write_gate, self.output):
+            _init_linear(layer)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """images ``[B, K+1, N, 784]``, labels ``[B, K+1, N, N]`` -> logits ``[B, K+1, N, N]``."""
+        steps = model_inputs(images, labels, self.num_classes)  # [B, T, 784+N]
+        batch, num_steps = steps.shape[:2]
+        heads, slots, dim = self.num_reads, self.memory_slots, self.memory_dim
+        zeros = steps.new_zeros
+        h, c = zeros(batch, self.hidden_dim), zeros(batch, self.hidden_dim)
+        memory = zeros(batch, slots, dim) + 1e-6  # [B, slots, dim]; tiny constant keeps cosine defined
+        reads = zeros(batch, heads * dim)  # r_{t-1}, all heads: [B, H*dim]
+        read_weights = zeros(batch, heads, slots)  # w^r_{t-1}
+        usage = zeros(batch, slots)  # w^u_{t-1}
+        least_used = zeros(batch, heads, slots)  # w^lu_{t-1}
+        slot_ids = torch.arange(slots, device=steps.device)
+        outputs = []
+        for t in range(num_steps):
+            h, c = self.controller(torch.cat([steps[:, t], reads], dim=-1), (h, c))
+            keys = torch.tanh(self.key(h)).view(batch, heads, dim)  # [B, H, dim]
+            gate = torch.sigmoid(self.write_gate(h))[..., None]  # [B, H, 1]
+            write_weights = gate * read_weights + (1 - gate) * least_used  # [B, H, slots]
+            # Zero the least-used slot, then add every head's key where it writes.
+            keep = (slot_ids != usage.argmin(dim=1, keepdim=True)).to(memory.dtype)  # [B, slots]
+            memory = memory * keep[..., None] + write_weights.transpose(1, 2) @ keys  # [B, slots, dim]
+            # Cosine similarity of every key with every slot as one batched matmul.
+            similarity = F.normalize(keys, dim=-1) @ F.normalize(memory, dim=-1).transpose(1, 2)  # [B, H, slots]
+            read_weights = similarity.softmax(dim=-1)
+            reads = (read_weights @ memory).reshape(batch, heads * dim)
+            usage = self.gamma * usage + read_weights.sum(1) + write_weights.sum(1)  # [B, slots]
+            # Head j writes next to the j-th least-used slot (no gradient through the ranking).
+            ranked = usage.detach().topk(heads, dim=1, largest=False).indices  # [B, H]
+            least_used = F.one_hot(ranked, slots).to(memory.dtype)  # [B, H, slots]
+            outputs.append(self.output(torch.cat([h, reads], dim=-1)))  # [B, N]
+        return torch.stack(outputs, dim=1).reshape(labels.shape)
+
+
+def build_model(name: str, num_classes: int, hidden_dim: int, memory_slots: int = 128, memory_dim: int = 40,
+                num_reads: int = 4) -> nn.Module:
+    """``lstm`` or ``memory``; the memory sizes only matter for ``memory`` (defaults from Santoro et al.)."""
+    if name == "lstm":
+        return LSTMMANN(num_classes, hidden_dim)
+    if name == "memory":
+        return MemoryMANN(num_classes, hidden_dim, memory_slots, memory_dim, num_reads)
+    raise CS330Error(f"unknown model {name!r}; choose lstm or memory")
