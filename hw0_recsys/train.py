@@ -1,0 +1,255 @@
+"""Train a recommender on MovieLens 100K and report ranking (MRR, Recall@10, NDCG@10) and rating
+(MSE, RMSE) metrics.
+
+  python hw0_recsys/train.py                                   # course multi-task model, 0.5/0.5
+  python hw0_recsys/train.py --factorization_weight 0.99 --regression_weight 0.01
+  python hw0_recsys/train.py --no_embedding_sharing            # separate embeddings per task
+  python hw0_recsys/train.py --model svdpp --split u1          # SVD++ on the official u1 fold
+
+Each run writes TensorBoard logs, checkpoints and results.json to runs/hw0_recsys/<run name>
+(or --log_dir); --resume continues a killed run from its last checkpoint with identical results.
+With --val_fraction > 0 a slice of the training ratings is held out and all metrics are computed
+on it instead of the test set, so hyper-parameters can be chosen without looking at the test data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import (capture_rng_state, ensure_finite, list_checkpoints, load_checkpoint,
+                               restore_rng_state, save_checkpoint)
+from common.cli import add_run_args, positive_float, positive_int
+from common.device import resolve_device
+from common.errors import CS330Error, cli_main
+from common.runlog import RunLogger, build_run_name, runs_root
+from common.seeding import seed_everything
+from hw0_recsys.data import SPLIT_CHOICES, Ratings, holdout, interaction_matrix, load_split
+from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
+from hw0_recsys.model import MultiTaskNet, SVDPlusPlus
+
+HOMEWORK = "hw0_recsys"
+VAL_SPLIT_SEED = 4321  # fixed: the validation slice must not change with the training seed
+# Flags left unset take the default of the chosen model.
+MODEL_DEFAULTS = {
+    "multitask": {"embedding_dim": 32, "num_epochs": 10, "batch_size": 256, "lr": 1e-3},
+    # Chosen on a validation slice of u1.base (see README), never on a test fold.
+    "svdpp": {"embedding_dim": 64, "num_epochs": 250, "batch_size": 0, "lr": 0.01},
+}
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def layer_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 96,64, got {text!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive comma-separated layer widths like 96,64, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("multitask", "svdpp"), default="multitask",
+                        help="multitask: the course's two-headed model; svdpp: the SVD++ rating model (default: multitask)")
+    parser.add_argument("--split", choices=SPLIT_CHOICES, default="random",
+                        help="random: 95/5 random split of u.data (the course's); u1..u5/ua/ub: official folds")
+    parser.add_argument("--test_fraction", type=float, default=0.05, help="test share of the random split")
+    parser.add_argument("--val_fraction", type=float, default=0.0,
+                        help="if > 0, hold out this share of the training ratings and evaluate on it, not on test")
+    parser.add_argument("--embedding_dim", type=positive_int, default=None, help="factors per user/item (32 | 64)")
+    parser.add_argument("--num_epochs", type=positive_int, default=None,
+                        help="passes over the training ratings (multitask 10; svdpp 250 full-batch steps)")
+    parser.add_argument("--batch_size", type=int, default=None, help="ratings per step; 0 = full batch (256 | 0)")
+    parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (1e-3 | 0.01)")
+    mt = parser.add_argument_group("multitask model")
+    mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
+                    help="weight of the interaction (ranking) loss")
+    mt.add_argument("--regression_weight", type=non_negative_float, default=0.5, help="weight of the rating loss")
+    mt.add_argument("--no_embedding_sharing", action="store_true", help="give the rating head its own embeddings")
+    mt.add_argument("--layer_sizes", type=layer_sizes, default=[96, 64], help="MLP widths of the rating head")
+    mt.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="Adam L2 weight decay")
+    sv = parser.add_argument_group("svdpp model")
+    sv.add_argument("--factor_reg", type=non_negative_float, default=0.3, help="L2 on p_u and q_i, per rating")
+    sv.add_argument("--implicit_reg", type=non_negative_float, default=0.3, help="L2 on y_j, per rating")
+    sv.add_argument("--bias_reg", type=non_negative_float, default=0.01, help="L2 on b_u and b_i, per rating")
+    sv.add_argument("--reg_exponent", type=non_negative_float, default=0.5,
+                    help="a parameter used by n ratings is penalised in proportion to n**exponent (1: as SGD)")
+    sv.add_argument("--no_implicit", action="store_true", help="drop the y_j term: plain biased MF")
+    parser.add_argument("--eval_every", type=positive_int, default=None, help="epochs between evaluations")
+    parser.add_argument("--checkpoint_every", type=positive_int, default=None, help="epochs between checkpoints")
+    add_run_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.batch_size < 0:
+        parser.error(f"--batch_size must be positive (or 0 for full batch), got {args.batch_size}")
+    if not 0.0 < args.test_fraction < 1.0:
+        parser.error(f"--test_fraction must be strictly between 0 and 1, got {args.test_fraction}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.model == "multitask" and args.factorization_weight + args.regression_weight == 0:
+        parser.error("--factorization_weight and --regression_weight are both 0: nothing would be trained")
+    full_batch = args.model == "svdpp" and args.batch_size == 0
+    args.eval_every = args.eval_every or (25 if full_batch else 1)
+    args.checkpoint_every = args.checkpoint_every or (25 if full_batch else 1)
+    return args
+
+
+def run_hparams(args: argparse.Namespace) -> dict:
+    """Every flag that changes the result, in the run name's order."""
+    common = {"split": args.split, "dim": args.embedding_dim, "ep": args.num_epochs, "bs": args.batch_size,
+              "lr": args.lr}
+    if args.split == "random":
+        common["testfrac"] = args.test_fraction
+    if args.val_fraction > 0:
+        common["val"] = args.val_fraction
+    if args.model == "multitask":
+        specific = {"fw": args.factorization_weight, "rw": args.regression_weight,
+                    "share": int(not args.no_embedding_sharing), "mlp": "-".join(map(str, args.layer_sizes)),
+                    "wd": args.weight_decay}
+    else:
+        specific = {"freg": args.factor_reg, "yreg": args.implicit_reg, "breg": args.bias_reg,
+                    "regexp": args.reg_exponent, "implicit": int(not args.no_implicit)}
+    return {**common, **specific, "seed": args.seed}
+
+
+def build_model(args: argparse.Namespace, train: Ratings, num_users: int, num_items: int) -> torch.nn.Module:
+    if args.model == "multitask":
+        return MultiTaskNet(num_users, num_items, args.embedding_dim, args.layer_sizes,
+                            embedding_sharing=not args.no_embedding_sharing)
+    return SVDPlusPlus(num_users, num_items, args.embedding_dim, train.users, train.items,
+                       float(train.ratings.mean()), reg_exponent=args.reg_exponent, implicit=not args.no_implicit)
+
+
+def training_losses(args: argparse.Namespace, model: torch.nn.Module, batch: Ratings,
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The losses of one step; ``loss`` is what is minimised."""
+    if args.model == "svdpp":
+        regression = (model(batch.users, batch.items) - batch.ratings).square().mean()
+        penalty = model.penalty(args.factor_reg, args.bias_reg, args.implicit_reg)
+        return {"loss": regression + penalty, "regression_loss": regression}
+    # One uniformly drawn negative item per positive, as Spotlight's pointwise loss does.
+    negatives = torch.randint(model.item_biases.num_embeddings, (len(batch),), generator=generator)
+    positive_logits, predicted_ratings = model(batch.users, batch.items)
+    negative_logits, _ = model(batch.users, negatives.to(batch.users.device))
+    factorization = ((1.0 - torch.sigmoid(positive_logits)) + torch.sigmoid(negative_logits)).mean()
+    regression = F.mse_loss(predicted_ratings, batch.ratings)
+    loss = args.factorization_weight * factorization + args.regression_weight * regression
+    return {"loss": loss, "factorization_loss": factorization, "regression_loss": regression}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: int, num_items: int) -> dict:
+    """Ranking metrics over all items (training items excluded) and rating metrics on the test pairs."""
+    model.eval()
+    if isinstance(model, SVDPlusPlus):
+        scores = model.all_scores()  # rank by predicted rating
+        predicted = scores.view(-1)[test.users * num_items + test.items]
+    else:
+        scores = model.all_logits()
+        predicted = model(test.users, test.items)[1]
+    model.train()
+    train_seen = interaction_matrix(train, num_users, num_items)
+    metrics = {"mrr": mrr_score(scores, train_seen, test.users, test.items)}
+    metrics.update(top_k_metrics(scores, train_seen, interaction_matrix(test, num_users, num_items), k=10))
+    metrics.update(rating_metrics(predicted, test.ratings))
+    return metrics
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    split = load_split(args.split, args.data_dir, args.test_fraction)
+    train, evaluation, eval_name = split.train, split.test, "test"
+    if args.val_fraction > 0:
+        train, evaluation = holdout(train, args.val_fraction, VAL_SPLIT_SEED)
+        eval_name = "val"
+
+    hparams = {"model": args.model, **run_hparams(args)}
+    run_name = build_run_name(args.model, run_hparams(args))
+    run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
+    if list_checkpoints(run_dir) and not args.resume:
+        raise CS330Error(f"{run_dir} already holds checkpoints: add --resume to continue that run, "
+                         "or choose another --log_dir / delete the folder to start over")
+
+    seed_everything(args.seed)
+    model = build_model(args, train, split.num_users, split.num_items).to(device)
+    train, evaluation = train.to(device), evaluation.to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                 weight_decay=args.weight_decay if args.model == "multitask" else 0.0)
+    generator = torch.Generator().manual_seed(args.seed)  # data order and negative samples
+    start_epoch = 0
+    if args.resume:
+        saved_hparams = json.loads((run_dir / "hparams.json").read_text()) if (run_dir / "hparams.json").exists() else {}
+        if saved_hparams and saved_hparams != json.loads(json.dumps(hparams)):
+            raise CS330Error(f"--resume: the flags differ from those of the run in {run_dir} "
+                             f"(saved {saved_hparams}); rerun with the same flags")
+        state = load_checkpoint(run_dir, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        restore_rng_state(state["rng"])
+        start_epoch = state["step"]
+
+    batch_size = args.batch_size or len(train)
+    logger = RunLogger(run_dir, hparams, start_step=start_epoch, total_steps=args.num_epochs, desc=run_name)
+    logger.write(f"{args.model}: {len(train)} training and {len(evaluation)} {eval_name} ratings on {device}")
+    started = time.perf_counter()
+    for epoch in range(start_epoch + 1, args.num_epochs + 1):
+        order = torch.randperm(len(train), generator=generator).to(device) if batch_size < len(train) else None
+        sums: dict[str, float] = {}
+        num_batches = 0
+        for start in range(0, len(train), batch_size):
+            batch = train if order is None else train.subset(order[start:start + batch_size])
+            losses = training_losses(args, model, batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            num_batches += 1
+        epoch_losses = {f"train/{key}": value / num_batches for key, value in sums.items()}
+        ensure_finite(epoch_losses["train/loss"], epoch, run_dir)
+        logger.log(epoch_losses, epoch)
+        if epoch % args.eval_every == 0 or epoch == args.num_epochs:
+            metrics = evaluate(model, train, evaluation, split.num_users, split.num_items)
+            logger.log({f"{eval_name}/{key}": value for key, value in metrics.items()}, epoch)
+            logger.advance(epoch, loss=epoch_losses["train/loss"], mrr=metrics["mrr"], rmse=metrics["rmse"])
+        else:
+            logger.advance(epoch, loss=epoch_losses["train/loss"])
+        if epoch % args.checkpoint_every == 0 or epoch == args.num_epochs:
+            save_checkpoint(run_dir, epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "generator": generator.get_state(), "rng": capture_rng_state()},
+                            keep_last=2)
+
+    metrics = evaluate(model, train, evaluation, split.num_users, split.num_items)
+    results = {f"{eval_name}/{key}": value for key, value in metrics.items()}
+    results["train_seconds"] = time.perf_counter() - started  # this session only, if resumed
+    logger.finish(results)
+    logger.write(" ".join(f"{key}={value:.4f}" for key, value in results.items()) + f"  ({run_dir})")
+    logger.close()
+    return results
+
+
+if __name__ == "__main__":
+    main()
