@@ -1,0 +1,315 @@
+"""Few-shot fine-tuning of pre-trained language models: all parameters, two blocks, or LoRA.
+
+    python hw3_lm_fewshot/ft.py --model minilm --dataset amazon --k 1,8,128 --mode all
+    python hw3_lm_fewshot/ft.py --model smollm2 --dataset babi --k 0,1,8 --mode lora4
+
+Encoders (and LMs on amazon) get a fresh classification head; causal LMs on xsum/babi are trained
+on the prompt + answer text with the loss on the answer tokens only. Modes:
+- ``all``: every parameter.
+- ``first`` / ``last`` / ``middle``: two transformer blocks (found generically for BERT, GPT-2 and
+  Llama-style models); a fresh classification head is trained too, since it starts random.
+- ``loraN``: rank-N LoRA adapters (PEFT) on every linear projection inside the transformer blocks
+  (attention and MLP), base weights frozen; a classification head is trained too.
+Training stops after ``--max_steps`` or once the accuracy on (up to 32 of) the support examples
+reaches ``--early_stop_acc`` (for causal LMs: the answer-token accuracy under teacher forcing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.cli import add_run_args, positive_float, positive_int
+from common.device import resolve_device
+from common.errors import CS330Error, cli_main
+from common.runlog import RunLogger, build_run_name
+from common.seeding import seed_everything
+from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, TASKS, Example, TaskData, load_task, sample_support
+from hw3_lm_fewshot.generation import generate_greedy, truncate_left
+from hw3_lm_fewshot.metrics import TASK_METRIC, score
+from hw3_lm_fewshot.models import (
+    MODEL_CHOICES,
+    count_parameters,
+    load_causal_lm,
+    load_classifier,
+    resolve_model,
+    transformer_blocks,
+)
+from hw3_lm_fewshot.prompts import DEFAULT_PROMPT, MAX_NEW_TOKENS, PROMPTS, answer_text, build_prompt
+
+MODE_HELP = "all, first, last, middle, loraN (N = LoRA rank, e.g. lora4, lora16)"
+_MODE = re.compile(r"^(all|first|last|middle)$|^lora([1-9]\d*)$")
+
+
+def parse_mode(mode: str) -> tuple[str, int | None]:
+    """``"lora16"`` -> ``("lora", 16)``; ``"last"`` -> ``("last", None)``; clear error otherwise."""
+    match = _MODE.match(mode)
+    if match is None:
+        raise CS330Error(f"unknown fine-tuning mode {mode!r}; choose one of: {MODE_HELP}")
+    return ("lora", int(match.group(2))) if match.group(2) else (mode, None)
+
+
+def selected_blocks(num_blocks: int, mode: str) -> list[int]:
+    """Indices of the two blocks a partial mode trains."""
+    if num_blocks < 2:
+        raise CS330Error(f"mode {mode!r} needs at least 2 transformer blocks, the model has {num_blocks}")
+    middle = num_blocks // 2 - 1
+    return {"first": [0, 1], "last": [num_blocks - 2, num_blocks - 1], "middle": [middle, middle + 1]}[mode]
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters outside the pre-trained body (``model.<base_model_prefix>``): the classification head."""
+    prefix = model.base_model_prefix + "."
+    return [name for name, _ in model.named_parameters() if not name.startswith(prefix)]
+
+
+def lora_target_regex(model: nn.Module) -> str:
+    """A PEFT ``target_modules`` regex matching every linear projection inside the transformer blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    blocks_name, blocks = transformer_blocks(model)
+    relative = sorted({name for name, module in blocks[0].named_modules() if isinstance(module, (nn.Linear, Conv1D))})
+    return rf"^{re.escape(blocks_name)}\.\d+\.({'|'.join(re.escape(name) for name in relative)})$"
+
+
+def apply_mode(model: nn.Module, mode: str, classifier: bool) -> nn.Module:
+    """Freeze/unfreeze (or wrap with LoRA) for ``mode``; returns the model to train."""
+    kind, rank = parse_mode(mode)
+    if kind == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if kind == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+        from transformers.pytorch_utils import Conv1D
+
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=lora_target_regex(model),
+            task_type=TaskType.SEQ_CLS if classifier else TaskType.CAUSAL_LM,
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights transposed
+        )
+        return get_peft_model(model, config)  # freezes the base, trains adapters (+ the head for SEQ_CLS)
+    blocks_name, blocks = transformer_blocks(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for index in selected_blocks(len(blocks), kind):
+        for p in blocks[index].parameters():
+            p.requires_grad_(True)
+    if classifier:
+        for name, p in model.named_parameters():
+            if name in head_parameter_names(model):
+                p.requires_grad_(True)
+    return model
+
+
+# ---------------------------------------------------------------------------- batches
+def classification_batch(tokenizer, examples: list[Example], max_length: int, device) -> dict[str, torch.Tensor]:
+    batch = tokenizer([ex.x for ex in examples], truncation=True, max_length=max_length, padding=True,
+                      return_tensors="pt")  # input_ids [B, T]
+    batch["labels"] = torch.tensor([int(ex.y) for ex in examples])  # [B]
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def lm_batch(tokenizer, task: str, prompt: str, examples: list[Example], max_length: int,
+             device) -> dict[str, torch.Tensor]:
+    """Prompt + answer token ids, right-padded; labels are -100 except on the answer tokens."""
+    rows, labels = [], []
+    for ex in examples:
+        answer_ids = tokenizer(answer_text(task, str(ex.y)))["input_ids"]
+        prompt_ids = truncate_left(tokenizer(build_prompt(task, prompt, [], ex.x))["input_ids"],
+                                   max(1, max_length - len(answer_ids)), what="training prompt")
+        rows.append(prompt_ids + answer_ids)
+        labels.append([-100] * len(prompt_ids) + answer_ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [B, T]
+    label_ids = torch.full((len(rows), width), -100)  # [B, T]
+    attention = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        label_ids[i, :len(row)] = torch.tensor(label)
+        attention[i, :len(row)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": label_ids.to(device)}
+
+
+@torch.inference_mode()
+def support_accuracy(model, batch: dict[str, torch.Tensor], classifier: bool) -> float:
+    """Classification accuracy, or the answer-token accuracy under teacher forcing."""
+    model.eval()
+    logits = model(**batch).logits
+    model.train()
+    if classifier:
+        return (logits.argmax(-1) == batch["labels"]).float().mean().item()
+    predicted = logits[:, :-1].argmax(-1)  # [B, T-1]: token t+1 predicted at t
+    target = batch["labels"][:, 1:]
+    mask = target != -100
+    return (predicted[mask] == target[mask]).float().mean().item()
+
+
+# ---------------------------------------------------------------------------- one run
+def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Namespace,
+           logger: RunLogger | None = None) -> dict:
+    """Fine-tune a fresh copy of the model on k support examples, then score it on the evaluation set."""
+    start = time.time()
+    device = resolve_device(args.device)
+    classifier = task.name == "amazon"
+    support = sample_support(task, k, seed)
+    seed_everything(seed)  # the fresh head and the batch order depend on it
+    if classifier:
+        model, tokenizer = load_classifier(spec, NUM_AMAZON_CLASSES)
+    else:
+        model, tokenizer = load_causal_lm(spec)
+    model = apply_mode(model, mode, classifier).to(device)
+    trainable, total = count_parameters(model)
+    prompt = args.prompt or DEFAULT_PROMPT.get(task.name, "none")
+
+    def make_batch(examples: list[Example]) -> dict[str, torch.Tensor]:
+        if classifier:
+            return classification_batch(tokenizer, examples, args.max_length, device)
+        return lm_batch(tokenizer, task.name, prompt, examples, args.max_length, device)
+
+    steps, train_acc = 0, float("nan")
+    if support:  # k = 0: the pre-trained model as it is
+        lr = args.lr or (1e-3 if mode.startswith("lora") else 1e-4)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        rng = np.random.default_rng(seed)
+        check_batch = make_batch([support[i] for i in rng.permutation(len(support))[:32]])
+        order: list[int] = []
+        model.train()
+        for steps in range(1, args.max_steps + 1):
+            if len(order) < args.batch_size:  # reshuffle once the epoch runs out
+                order += rng.permutation(len(support)).tolist()
+            batch_ids, order = order[:args.batch_size], order[args.batch_size:]
+            loss = model(**make_batch([support[i] for i in batch_ids])).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if logger is not None:
+                logger.log({f"train/loss_k{k}_{mode}_s{seed}": loss.item()}, steps)
+            if steps % args.eval_every == 0 or steps == args.max_steps:
+                train_acc = support_accuracy(model, check_batch, classifier)
+                if train_acc >= args.early_stop_acc:
+                    break
+
+    model.eval()
+    references = [ex.y for ex in task.eval]
+    if classifier:
+        predictions = []
+        with torch.inference_mode():
+            for i in range(0, len(task.eval), args.batch_size):
+                batch = make_batch(task.eval[i:i + args.batch_size])
+                predictions += model(**batch).logits.argmax(-1).tolist()
+    else:
+        predictions = [generate_greedy(model, tokenizer, build_prompt(task.name, prompt, [], ex.x),
+                                       MAX_NEW_TOKENS[task.name], args.max_context) for ex in task.eval]
+    return {
+        "method": "ft", "mode": mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
+        "score": score(task.name, predictions, references), "trainable_params": trainable, "total_params": total,
+        "steps": steps, "support_acc": train_acc, "seconds": time.time() - start,
+        "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
+    }
+
+
+def parse_k_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k takes comma-separated integers such as 1,8,128, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--k needs non-negative integers, got {text!r}")
+    return values
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Flags ft.py and icl.py share."""
+    parser.add_argument("--model", default=None,
+                        help=f"short name ({', '.join(MODEL_CHOICES)}), hub id or model folder "
+                             "(default: minilm for amazon, smollm2 otherwise)")
+    parser.add_argument("--dataset", default="amazon", help=f"one of {', '.join(TASKS)} (default: amazon)")
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="reruns with seeds seed, seed+1, ...: mean and std over them (default: 1)")
+    parser.add_argument("--n_eval", type=positive_int, default=50,
+                        help="evaluation examples (amazon: split evenly over the 5 classes; course: 625/125)")
+    parser.add_argument("--max_context", type=positive_int, default=None,
+                        help="cap on prompt + generated tokens (default: the model's context length)")
+    add_run_args(parser)
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Mean and std of the score over repeats, per (method, mode/prompt, k)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r.get("mode") or r.get("prompt"), r["k"]), []).append(r)
+    return [{"method": m, "variant": v, "k": k, "mean": float(np.mean([r["score"] for r in rs])),
+             "std": float(np.std([r["score"] for r in rs])), "repeats": len(rs),
+             "trainable_params": rs[0].get("trainable_params"), "seconds": float(np.mean([r["seconds"] for r in rs]))}
+            for (m, v, k), rs in groups.items()]
+
+
+def print_table(rows: list[dict], metric: str, write=print) -> None:
+    write(f"| method | variant | k | {metric} (mean ± std) | repeats | trainable params | s/run |")
+    write("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        params = f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "0"
+        write(f"| {r['method']} | {r['variant']} | {r['k']} | {r['mean']:.3f} ± {r['std']:.3f} | {r['repeats']} "
+              f"| {params} | {r['seconds']:.1f} |")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--k", type=parse_k_list, default=[1, 8, 128],
+                        help="support sizes, comma-separated (amazon: per class) (default: 1,8,128)")
+    parser.add_argument("--mode", default="all", help=f"what to train: {MODE_HELP} (default: all)")
+    parser.add_argument("--prompt", default=None, choices=PROMPTS,
+                        help="text format for causal LMs (default: qa for babi, tldr for xsum)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="learning rate (default: 1e-4, or 1e-3 for LoRA)")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="examples per step (default: 8)")
+    parser.add_argument("--max_steps", type=positive_int, default=100, help="step limit per run (default: 100)")
+    parser.add_argument("--eval_every", type=positive_int, default=5,
+                        help="steps between early-stopping checks (default: 5)")
+    parser.add_argument("--early_stop_acc", type=float, default=0.75,
+                        help="stop once the support accuracy reaches this (default: 0.75)")
+    parser.add_argument("--max_length", type=positive_int, default=256,
+                        help="token limit per training example (amazon inputs: 100 as in the course) (default: 256)")
+    return parser
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        parser.error("--resume is not supported by ft.py: each run is short, rerun it instead")
+    parse_mode(args.mode)
+    model_name = args.model or ("minilm" if args.dataset == "amazon" else "smollm2")
+    spec = resolve_model(model_name)
+    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, n_pool=max(256, max(args.k)),
+                     data_dir=args.data_dir)
+    if args.dataset == "amazon":
+        args.max_length = min(args.max_length, 100)
+    for k in args.k:  # fail before any training when a k does not fit
+        sample_support(task, k, args.seed)
+    run_name = build_run_name("ft", {"model": model_name, "data": args.dataset, "mode": args.mode,
+                                     "k": "-".join(map(str, args.k)), "seed": args.seed})
+    results = []
+    with RunLogger.for_homework("hw3", run_name, vars(args), log_dir=args.log_dir,
+                                total_steps=len(args.k) * args.repeats, desc="ft") as logger:
+        for k in args.k:
+            for repeat in range(args.repeats):
+                results.append(run_ft(spec, task, k, args.mode, args.seed + repeat, args, logger))
+                logger.advance(len(results), score=results[-1]["score"])
+        table = summarize(results)
+        logger.finish({"runs": results, "summary": table, "data_source": task.source})
+    print_table(table, TASK_METRIC[args.dataset])
+    print(f"results: {logger.run_dir / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

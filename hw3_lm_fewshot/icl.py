@@ -1,0 +1,103 @@
+"""In-context learning: k solved examples in the prompt, then greedy generation for the query.
+
+    python hw3_lm_fewshot/icl.py --model smollm2 --dataset babi --k 0,1,4 --prompt qa
+    python hw3_lm_fewshot/icl.py --model smollm2 --dataset xsum --k 0,1,4 --prompt tldr,custom
+
+Support examples are drawn from the pool with the seed (a new draw per evaluation example, as in
+the course). Decoding is greedy with the KV cache and stops at the end of the first sentence or
+after the task's token limit (bAbI 6, XSum 30). A prompt longer than the model's context (or
+``--max_context``) loses tokens on the left, with a warning. See prompts.py for the formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import warnings
+
+import torch
+
+from common.device import resolve_device
+from common.errors import cli_main
+from common.runlog import RunLogger, build_run_name
+from common.seeding import seed_everything
+from hw3_lm_fewshot.data import TaskData, load_task, sample_support
+from hw3_lm_fewshot.ft import add_common_args, parse_k_list, print_table, summarize
+from hw3_lm_fewshot.generation import PromptTruncatedWarning, generate_greedy
+from hw3_lm_fewshot.metrics import TASK_METRIC, score
+from hw3_lm_fewshot.models import load_causal_lm, resolve_model
+from hw3_lm_fewshot.prompts import MAX_NEW_TOKENS, PROMPTS, build_prompt, check_generation_task, check_prompt
+
+
+def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, max_context: int | None = None) -> dict:
+    """Score the model on the evaluation set with k in-context examples per query."""
+    start = time.time()
+    check_prompt(prompt)
+    sample_support(task, k, seed)  # a clear error now if k does not fit the pool
+    rng = random.Random(seed)
+    predictions, truncated = [], 0
+    for ex in task.eval:
+        support = sample_support(task, k, rng.randrange(2**31))
+        text = build_prompt(task.name, prompt, support, ex.x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            predictions.append(generate_greedy(model, tokenizer, text, MAX_NEW_TOKENS[task.name], max_context))
+        for warning in caught:  # count, and pass the warning on so it is never silent
+            truncated += 1
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    references = [ex.y for ex in task.eval]
+    return {
+        "method": "icl", "prompt": prompt, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
+        "score": score(task.name, predictions, references), "truncated_prompts": truncated,
+        "seconds": time.time() - start,
+        "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.set_defaults(dataset="babi")
+    parser.add_argument("--k", type=parse_k_list, default=[0, 1, 4],
+                        help="in-context examples per query, comma-separated (default: 0,1,4)")
+    parser.add_argument("--prompt", default="qa",
+                        help=f"prompt formats, comma-separated, from {', '.join(PROMPTS)} (default: qa)")
+    return parser
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        parser.error("--resume is not supported by icl.py: nothing is trained")
+    prompts = [check_prompt(p.strip()) for p in args.prompt.split(",")]
+    check_generation_task(args.dataset)
+    spec = resolve_model(args.model or "smollm2")
+    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
+    for k in args.k:
+        sample_support(task, k, args.seed)
+    seed_everything(args.seed)
+    model, tokenizer = load_causal_lm(spec)
+    model.to(resolve_device(args.device)).eval()
+    run_name = build_run_name("icl", {"model": spec.name, "data": args.dataset, "prompt": "-".join(prompts),
+                                      "k": "-".join(map(str, args.k)), "seed": args.seed})
+    results = []
+    total = len(args.k) * len(prompts) * args.repeats
+    with RunLogger.for_homework("hw3", run_name, vars(args), log_dir=args.log_dir, total_steps=total,
+                                desc="icl") as logger, torch.inference_mode():
+        for prompt in prompts:
+            for k in args.k:
+                for repeat in range(args.repeats):
+                    results.append(run_icl(model, tokenizer, task, k, prompt, args.seed + repeat, args.max_context))
+                    logger.advance(len(results), score=results[-1]["score"])
+        table = summarize(results)
+        logger.finish({"runs": results, "summary": table, "data_source": task.source})
+    print_table(table, TASK_METRIC[args.dataset])
+    print(f"results: {logger.run_dir / 'results.json'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
