@@ -117,8 +117,9 @@ class MemoryMANN(nn.Module):
         reads = zeros(batch, heads * dim)  # r_{t-1}, all heads: [B, H*dim]
         read_weights = zeros(batch, heads, slots)  # w^r_{t-1}
         usage = zeros(batch, slots)  # w^u_{t-1}
-        least_used = zeros(batch, heads, slots)  # w^lu_{t-1}
         slot_ids = torch.arange(slots, device=steps.device)
+        # w^lu_{t-1}: with no usage yet, head j starts on slot j (so the first step is written too).
+        least_used = F.one_hot(slot_ids[:heads], slots).to(steps.dtype).expand(batch, -1, -1)  # [B, H, slots]
         outputs = []
         for t in range(num_steps):
             h, c = self.controller(torch.cat([steps[:, t], reads], dim=-1), (h, c))
