@@ -96,8 +96,8 @@ def run_part(part: str, grid: dict, args: argparse.Namespace, lm) -> list[dict]:
                 for mode in grid["modes"][:1] if k == 0 else grid["modes"]:
                     for seed in seeds:
                         result = ft.run_ft(resolve_model(args.lm), task, k, mode, seed, ft_args(args))
-                        if k == 0:
-                            result["mode"] = "pre-trained"
+                        if k == 0:  # nothing was trained
+                            result.update(mode="pre-trained", trainable_params=0)
                         add(result, name)
     elif part == "lora_vs_icl":
         task = task_of("xsum")
