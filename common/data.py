@@ -128,7 +128,8 @@ def fetch(remote: RemoteFile, data_dir: str | os.PathLike | None = None, allow_d
         except ChecksumError:
             raise
         except (urllib.error.URLError, OSError, ValueError) as err:
-            failure = f"download failed: {getattr(err, 'reason', err)}"
+            reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
+            failure = f"download failed: {reason}"
     looked = "\n".join(f"  - {path}  [{why}]" for path, why in candidate_paths(remote.relpath, data_dir))
     raise DataNotFoundError(
         f"could not find {remote.name}.\nLooked in:\n{looked}\n"

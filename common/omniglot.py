@@ -175,29 +175,36 @@ class EpisodeSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample_grid(self, batch_size: int) -> torch.Tensor:
-        """``[B, N, K+Q, 1, S, S]`` float images: class n of task b in row n, drawings along dim 2."""
+    def _draw(self, batch_size: int) -> torch.Tensor:
+        """Row indices into the flattened ``[classes * drawings]`` image table, ``[B, N, K+Q]``."""
         if batch_size <= 0:
             raise CS330Error(f"batch size must be positive, got {batch_size}")
         num_classes, num_drawings = self.images.shape[:2]
         # Random keys + topk = N distinct classes per task in random order (label = position).
         classes = torch.rand(batch_size, num_classes, generator=self.generator).topk(self.num_way, dim=1).indices
-        per_class = self.num_support + self.num_query
         draws = torch.rand(batch_size, self.num_way, num_drawings, generator=self.generator).argsort(dim=-1)
-        draws = draws[..., :per_class]  # [B, N, K+Q]
-        grid = self.images[classes.to(self.device)[..., None], draws.to(self.device)]  # [B, N, K+Q, S, S]
-        return grid.unsqueeze(3).float().div_(255.0)
+        rows = classes[..., None] * num_drawings + draws[..., : self.num_support + self.num_query]
+        return rows.to(self.device)
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        # index_select on a 2-D view is several times faster than broadcast advanced indexing.
+        size = self.images.shape[-1]
+        flat = self.images.view(-1, size * size).index_select(0, rows.reshape(-1))
+        return flat.view(*rows.shape, 1, size, size).float().mul_(1.0 / 255.0)
+
+    def sample_grid(self, batch_size: int) -> torch.Tensor:
+        """``[B, N, K+Q, 1, S, S]`` float images: class n of task b in row n, drawings along dim 2."""
+        return self._gather(self._draw(batch_size))
 
     def sample(self, batch_size: int) -> Episodes:
-        grid = self.sample_grid(batch_size)
-        batch, n, k, q = batch_size, self.num_way, self.num_support, self.num_query
-        image_shape = grid.shape[-3:]
+        rows = self._draw(batch_size)  # [B, N, K+Q]
+        n, k, q = self.num_way, self.num_support, self.num_query
         labels = torch.arange(n, device=self.device)
         return Episodes(
-            grid[:, :, :k].reshape(batch, n * k, *image_shape),
-            labels.repeat_interleave(k).expand(batch, -1),
-            grid[:, :, k:].reshape(batch, n * q, *image_shape),
-            labels.repeat_interleave(q).expand(batch, -1),
+            self._gather(rows[:, :, :k]).flatten(1, 2),  # [B, N*K, 1, S, S]
+            labels.repeat_interleave(k).expand(batch_size, -1),
+            self._gather(rows[:, :, k:]).flatten(1, 2),  # [B, N*Q, 1, S, S]
+            labels.repeat_interleave(q).expand(batch_size, -1),
         )
 
     def state_dict(self) -> dict[str, Any]:

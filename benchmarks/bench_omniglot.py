@@ -1,0 +1,73 @@
+"""Episode sampling speed: the in-memory Omniglot store against reading every sampled image from the zip.
+
+    python benchmarks/bench_omniglot.py
+
+The per-sample baseline does what the original homework loaders did for every image of every task:
+open the PNG file (here: the zip member), decode it, resize to 28x28 and invert it. Both sides sample
+the same number of tasks with the same N/K/Q.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import zipfile
+
+import numpy as np
+import torch
+
+from common.data import fetch
+from common.omniglot import OMNIGLOT_ARCHIVES, EpisodeSampler, OmniglotStore, decode_image
+
+
+def store_rate(sampler: EpisodeSampler, batch: int, seconds: float) -> float:
+    sampler.sample(batch)  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        sampler.sample(batch)
+        count += batch
+    return count / (time.perf_counter() - start)
+
+
+def per_sample_rate(archives: list[zipfile.ZipFile], members: list[list[str]], num_way: int, per_class: int,
+                    image_size: int, seconds: float, rng: np.random.Generator) -> float:
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for char in rng.choice(len(members), num_way, replace=False):
+            archive_index, files = members[char]
+            for name in rng.choice(files, per_class, replace=False):
+                decode_image(archives[archive_index].read(name), image_size)
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="time per measurement (default: 5)")
+    parser.add_argument("--data_dir", default=None)
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    store = OmniglotStore.load(args.data_dir)
+    print(f"store load (from cache when present): {time.perf_counter() - start:.3f} s, "
+          f"{tuple(store.images.shape)} uint8")
+    train = store.split("train")
+    archives = [zipfile.ZipFile(fetch(remote, args.data_dir)) for remote in OMNIGLOT_ARCHIVES]
+    members = []
+    for index, archive in enumerate(archives):
+        groups: dict[str, list[str]] = {}
+        for name in archive.namelist():
+            if name.endswith(".png"):
+                groups.setdefault(name.rsplit("/", 1)[0], []).append(name)
+        members += [(index, sorted(files)) for _, files in sorted(groups.items())]
+    rng = np.random.default_rng(0)
+    torch.set_num_threads(1)
+    print(f"{'task':<26}{'store tasks/s':>15}{'per-sample tasks/s':>20}{'speed-up':>10}")
+    for num_way, k, q in ((5, 1, 15), (20, 5, 5)):
+        fast = store_rate(EpisodeSampler(train, num_way, k, q, "cpu", seed=0), 16, args.seconds)
+        slow = per_sample_rate(archives, members, num_way, k + q, 28, args.seconds, rng)
+        print(f"{f'{num_way}-way {k}-shot {q}-query':<26}{fast:>15.0f}{slow:>20.1f}{fast / slow:>9.0f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Speed of hw2 on this machine: MAML meta-iterations (batched vs the per-task loop) and ProtoNet episodes/s.
+
+    python hw2_protonet_maml/bench.py                 # the course setting: 5-way 1-shot, 15 queries, batch 16
+    python hw2_protonet_maml/bench.py --device cuda
+
+Every variant computes the meta-gradient of the same meta-batch; the table shows its largest absolute
+difference from the reference per-task loop (``reference_maml_loss``), so a faster variant that changed
+the maths would show up at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+from common.device import DEVICE_CHOICES, resolve_device
+from common.omniglot import EpisodeSampler, OmniglotStore
+from hw2_protonet_maml.algorithms import MAML, ProtoNet, reference_maml_loss
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (and torch.func tracing caches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def meta_gradient(maml: MAML, loss_fn) -> torch.Tensor:
+    maml.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    return torch.cat([p.grad.flatten() for p in maml.meta_params.values()])
+
+
+def bench_maml(args, device, sampler) -> None:
+    episodes = sampler.sample(args.batch_size)
+    maml = MAML(args.num_way, num_inner_steps=args.inner_steps, inner_lr=0.4, hidden_channels=args.channels).to(device)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
+    variants = {
+        "per-task loop (reference)": lambda: reference_maml_loss(maml, episodes),
+        "vmap over tasks": lambda: maml(episodes)[0],
+    }
+    if not args.no_bf16:
+        variants["vmap + bf16 autocast"] = lambda: _with(bf16, lambda: maml(episodes)[0])
+    reference = meta_gradient(maml, variants["per-task loop (reference)"])
+    print(f"\nMAML meta-iteration: {args.num_way}-way {args.num_support}-shot {args.num_query}-query, batch "
+          f"{args.batch_size}, {args.inner_steps} inner step(s), second order, {args.channels} channels")
+    print(f"{'variant':<30}{'s/iter':>10}{'speed-up':>10}{'max |grad diff|':>18}")
+    base = None
+    for name, loss_fn in variants.items():
+        seconds = timed(lambda fn=loss_fn: meta_gradient(maml, fn), args.repeats, device)
+        diff = (meta_gradient(maml, loss_fn) - reference).abs().max().item()
+        base = base or seconds
+        print(f"{name:<30}{seconds:>10.3f}{base / seconds:>9.2f}x{diff:>18.2e}")
+
+
+def bench_protonet(args, device, sampler) -> None:
+    print(f"\nProtoNet training: {args.num_way}-way {args.num_support}-shot {args.num_query}-query, "
+          f"batch {args.batch_size} tasks")
+    print(f"{'variant':<30}{'s/iter':>10}{'episodes/s':>12}")
+    for name, bf16 in (("fp32", False), ("bf16 autocast + channels-last", True)):
+        if bf16 and args.no_bf16:
+            continue
+        model = ProtoNet().to(device)
+        if bf16:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        context = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+        def step(model=model, optimizer=optimizer, context=context):
+            with context:
+                loss, _ = model(sampler.sample(args.batch_size))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        seconds = timed(step, args.repeats, device)
+        print(f"{name:<30}{seconds:>10.3f}{args.batch_size / seconds:>12.1f}")
+
+
+def _with(context, fn):
+    with context:
+        return fn()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    parser.add_argument("--num_way", type=int, default=5)
+    parser.add_argument("--num_support", type=int, default=1)
+    parser.add_argument("--num_query", type=int, default=15)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--inner_steps", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per variant (default: 3)")
+    parser.add_argument("--no_bf16", action="store_true", help="skip the bf16 variants")
+    parser.add_argument("--only", choices=("maml", "protonet"), default=None)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    store = OmniglotStore.load()
+    sampler = EpisodeSampler(store.split("train"), args.num_way, args.num_support, args.num_query, device, seed=0)
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.only != "protonet":
+        bench_maml(args, device, sampler)
+    if args.only != "maml":
+        bench_protonet(args, device, sampler)
+
+
+if __name__ == "__main__":
+    main()
