@@ -4,6 +4,8 @@
   a factorization head that scores whether a user interacts with an item (ranking, trained with
   negative sampling) and an MLP head that regresses the rating. With ``embedding_sharing=False``
   each task gets its own embeddings, which is the single-task baseline.
+* :class:`ItemAutoRec`: I-AutoRec, an item-based autoencoder rating model; blended with SVD++ in
+  the 5-fold table (the blend is done by ``experiments.py`` from the saved predictions).
 * :class:`SVDPlusPlus` (Koren's "Factorization meets the neighborhood", the BellKor Netflix model):
   ``r_ui = mu + b_u + b_i + q_i . (p_u + |N(u)|^-1/2 sum_{j in N(u)} y_j)``, where N(u) is the set
   of items u rated in the training data. It is the rating model behind the 5-fold RMSE table.
@@ -151,3 +153,45 @@ class SVDPlusPlus(nn.Module):
         if self.use_implicit:
             total = total + implicit_reg * (self.implicit_weights @ self.implicit_factors.square().sum(-1))
         return total
+
+
+class ItemAutoRec(nn.Module):
+    """I-AutoRec (Sedhain et al. 2015): an autoencoder that reconstructs each item's column of ratings.
+
+    Item i's input is its vector of training ratings over all users (0 where unrated); one sigmoid
+    hidden layer; a linear output read at the users whose rating is wanted. The loss counts observed
+    ratings only. In the spirit of the RBM that BellKor blended with its factor models: it models an
+    item from the whole pattern of who rated it and how, which is why it blends well with SVD++.
+    Ratings of items with no training rating fall back to the global mean. Like N(u) of
+    :class:`SVDPlusPlus`, the input matrix is rebuilt from the training data, not checkpointed.
+    """
+
+    def __init__(self, num_users: int, num_items: int, hidden_size: int, train_users: torch.Tensor,
+                 train_items: torch.Tensor, train_ratings: torch.Tensor) -> None:
+        super().__init__()
+        self.num_users = num_users
+        ratings = torch.zeros(num_items, num_users)  # [I, U] training stars, 0 = unrated
+        ratings[train_items, train_users] = train_ratings.float()
+        self.register_buffer("item_ratings", ratings, persistent=False)
+        self.register_buffer("item_seen", torch.bincount(train_items, minlength=num_items) > 0, persistent=False)
+        self.global_mean = float(train_ratings.float().mean())
+        self.num_ratings = len(train_ratings)
+        self.encoder = nn.Linear(num_users, hidden_size)
+        self.decoder = nn.Linear(hidden_size, num_users)
+
+    def all_scores(self) -> torch.Tensor:
+        """``[U, I]`` predicted ratings (unclipped) for every pair."""
+        reconstructed = self.decoder(torch.sigmoid(self.encoder(self.item_ratings)))  # [I, U]
+        reconstructed = torch.where(self.item_seen[:, None], reconstructed, torch.full_like(reconstructed,
+                                                                                            self.global_mean))
+        return reconstructed.T
+
+    def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """``[B]`` ids -> ``[B]`` predicted ratings (unclipped)."""
+        return self.all_scores().reshape(-1)[user_ids * self.item_ratings.shape[0] + item_ids]
+
+    def penalty(self, weight_reg: float) -> torch.Tensor:
+        """The paper's ``lambda/2 (|W|^2 + |V|^2)``, divided by the number of training ratings, as the
+        loss is a mean over ratings rather than the paper's sum."""
+        squares = self.encoder.weight.square().sum() + self.decoder.weight.square().sum()
+        return weight_reg / 2 * squares / self.num_ratings

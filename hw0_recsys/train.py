@@ -37,7 +37,7 @@ from common.runlog import RunLogger, build_run_name, runs_root
 from common.seeding import seed_everything
 from hw0_recsys.data import SPLIT_CHOICES, Ratings, holdout, interaction_matrix, load_split
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
-from hw0_recsys.model import MultiTaskNet, SVDPlusPlus
+from hw0_recsys.model import ItemAutoRec, MultiTaskNet, SVDPlusPlus
 
 HOMEWORK = "hw0_recsys"
 VAL_SPLIT_SEED = 4321  # fixed: the validation slice must not change with the training seed
@@ -46,7 +46,9 @@ MODEL_DEFAULTS = {
     "multitask": {"embedding_dim": 32, "num_epochs": 10, "batch_size": 256, "lr": 1e-3},
     # Chosen on a validation slice of u1.base (see README), never on a test fold.
     "svdpp": {"embedding_dim": 50, "num_epochs": 300, "batch_size": 0, "lr": 0.01},
+    "autorec": {"embedding_dim": 300, "num_epochs": 100, "batch_size": 0, "lr": 0.01},
 }
+FULL_BATCH_MODELS = ("svdpp", "autorec")
 
 
 def non_negative_float(text: str) -> float:
@@ -68,18 +70,20 @@ def layer_sizes(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("multitask", "svdpp"), default="multitask",
-                        help="multitask: the course's two-headed model; svdpp: the SVD++ rating model")
+    parser.add_argument("--model", choices=("multitask", "svdpp", "autorec"), default="multitask",
+                        help="multitask: the course's two-headed model; svdpp: the SVD++ rating model; "
+                             "autorec: the I-AutoRec rating model")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="random",
                         help="random: 95/5 random split of u.data (the course's); u1..u5/ua/ub: official folds")
     parser.add_argument("--test_fraction", type=float, default=0.05, help="test share of the random split")
     parser.add_argument("--val_fraction", type=float, default=0.0,
                         help="if > 0, hold out this share of the training ratings and evaluate on it, not on test")
-    parser.add_argument("--embedding_dim", type=positive_int, default=None, help="factors per user/item (32 | 50)")
+    parser.add_argument("--embedding_dim", type=positive_int, default=None,
+                        help="factors per user/item, or autorec's hidden units (32 | 50 | 300)")
     parser.add_argument("--num_epochs", type=positive_int, default=None,
-                        help="passes over the training ratings (multitask 10; svdpp 300 full-batch steps)")
+                        help="passes over the training ratings (multitask 10; svdpp 300, autorec 100 full-batch steps)")
     parser.add_argument("--batch_size", type=int, default=None, help="ratings per step; 0 = full batch (256 | 0)")
-    parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (1e-3 | 0.01)")
+    parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (1e-3 | 0.01 | 0.01)")
     mt = parser.add_argument_group("multitask model")
     mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
                     help="weight of the interaction (ranking) loss")
@@ -87,13 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--no_embedding_sharing", action="store_true", help="give the rating head its own embeddings")
     mt.add_argument("--layer_sizes", type=layer_sizes, default=[96, 64], help="MLP widths of the rating head")
     mt.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="Adam L2 weight decay")
+    mt.add_argument("--factorization_loss", choices=("course", "bpr", "pointwise"), default="course",
+                    help="course: 1 - sigmoid(pos - neg) (the course's and Spotlight's bpr_loss); "
+                         "bpr: -log sigmoid(pos - neg) (Rendle's BPR); pointwise: 1 - sigmoid(pos) + sigmoid(neg)")
     sv = parser.add_argument_group("svdpp model")
     sv.add_argument("--factor_reg", type=non_negative_float, default=0.3, help="L2 on p_u and q_i, per rating")
-    sv.add_argument("--implicit_reg", type=non_negative_float, default=0.3, help="L2 on y_j, per rating")
+    sv.add_argument("--implicit_reg", type=non_negative_float, default=0.6, help="L2 on y_j, per rating")
     sv.add_argument("--bias_reg", type=non_negative_float, default=0.1, help="L2 on b_u and b_i, per rating")
     sv.add_argument("--reg_exponent", type=non_negative_float, default=0.0,
                     help="a parameter used by n ratings is penalised in proportion to n**exponent (1: as SGD)")
     sv.add_argument("--no_implicit", action="store_true", help="drop the y_j term: plain biased MF")
+    sv.add_argument("--implicit_from_test", action="store_true",
+                    help="BellKor's transductive N(u): also count the items of the test pairs (their ids, never "
+                         "their ratings) as items the user rated, as BellKor used the Netflix qualifying set")
+    ar = parser.add_argument_group("autorec model")
+    ar.add_argument("--autorec_reg", type=non_negative_float, default=100.0,
+                    help="the paper's lambda: L2 on the encoder and decoder weights")
+    parser.add_argument("--save_predictions", action="store_true",
+                        help="write the final predicted ratings of the evaluation pairs to predictions.pt (for blends)")
     parser.add_argument("--eval_every", type=positive_int, default=None, help="epochs between evaluations")
     parser.add_argument("--checkpoint_every", type=positive_int, default=None, help="epochs between checkpoints")
     add_run_args(parser)
@@ -114,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.model == "multitask" and args.factorization_weight + args.regression_weight == 0:
         parser.error("--factorization_weight and --regression_weight are both 0: nothing would be trained")
-    full_batch = args.model == "svdpp" and args.batch_size == 0
+    full_batch = args.model in FULL_BATCH_MODELS and args.batch_size == 0
     args.eval_every = args.eval_every or (25 if full_batch else 1)
     args.checkpoint_every = args.checkpoint_every or (25 if full_batch else 1)
     return args
@@ -131,24 +146,42 @@ def run_hparams(args: argparse.Namespace) -> dict:
     if args.model == "multitask":
         specific = {"fw": args.factorization_weight, "rw": args.regression_weight,
                     "share": int(not args.no_embedding_sharing), "mlp": "-".join(map(str, args.layer_sizes)),
-                    "wd": args.weight_decay}
-    else:
+                    "wd": args.weight_decay, "floss": args.factorization_loss}
+    elif args.model == "svdpp":
         specific = {"freg": args.factor_reg, "yreg": args.implicit_reg, "breg": args.bias_reg,
                     "regexp": args.reg_exponent, "implicit": int(not args.no_implicit)}
+        if args.implicit_from_test:
+            specific["nutest"] = 1
+    else:
+        specific = {"reg": args.autorec_reg}
     return {**common, **specific, "seed": args.seed}
 
 
-def build_model(args: argparse.Namespace, train: Ratings, num_users: int, num_items: int) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, train: Ratings, num_users: int, num_items: int,
+                rated: Ratings | None = None) -> torch.nn.Module:
+    """``rated``: the (user, item) pairs that make up SVD++'s N(u); the training pairs when None."""
     if args.model == "multitask":
         return MultiTaskNet(num_users, num_items, args.embedding_dim, args.layer_sizes,
                             embedding_sharing=not args.no_embedding_sharing)
-    return SVDPlusPlus(num_users, num_items, args.embedding_dim, train.users, train.items,
-                       float(train.ratings.mean()), reg_exponent=args.reg_exponent, implicit=not args.no_implicit)
+    if args.model == "autorec":
+        return ItemAutoRec(num_users, num_items, args.embedding_dim, train.users, train.items, train.ratings)
+    rated = rated or train
+    model = SVDPlusPlus(num_users, num_items, args.embedding_dim, rated.users, rated.items,
+                        float(train.ratings.mean()), reg_exponent=args.reg_exponent, implicit=not args.no_implicit)
+    if rated is not train:  # the L2 weights must still count training ratings only
+        plain = SVDPlusPlus(num_users, num_items, 1, train.users, train.items, 0.0,
+                            reg_exponent=args.reg_exponent, implicit=False)
+        for name in ("user_weights", "item_weights", "implicit_weights"):
+            getattr(model, name).copy_(getattr(plain, name))
+    return model
 
 
 def training_losses(args: argparse.Namespace, model: torch.nn.Module, batch: Ratings,
                     generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The losses of one step; ``loss`` is what is minimised."""
+    if args.model == "autorec":
+        regression = (model(batch.users, batch.items) - batch.ratings).square().mean()
+        return {"loss": regression + model.penalty(args.autorec_reg), "regression_loss": regression}
     if args.model == "svdpp":
         regression = (model(batch.users, batch.items) - batch.ratings).square().mean()
         penalty = model.penalty(args.factor_reg, args.bias_reg, args.implicit_reg)
@@ -157,23 +190,33 @@ def training_losses(args: argparse.Namespace, model: torch.nn.Module, batch: Rat
     negatives = torch.randint(model.item_biases.num_embeddings, (len(batch),), generator=generator)
     positive_logits, predicted_ratings = model(batch.users, batch.items)
     negative_logits, _ = model(batch.users, negatives.to(batch.users.device))
-    factorization = ((1.0 - torch.sigmoid(positive_logits)) + torch.sigmoid(negative_logits)).mean()
+    if args.factorization_loss == "course":
+        factorization = (1.0 - torch.sigmoid(positive_logits - negative_logits)).mean()
+    elif args.factorization_loss == "bpr":
+        factorization = -F.logsigmoid(positive_logits - negative_logits).mean()
+    else:
+        factorization = ((1.0 - torch.sigmoid(positive_logits)) + torch.sigmoid(negative_logits)).mean()
     regression = F.mse_loss(predicted_ratings, batch.ratings)
     loss = args.factorization_weight * factorization + args.regression_weight * regression
     return {"loss": loss, "factorization_loss": factorization, "regression_loss": regression}
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: int, num_items: int) -> dict:
-    """Ranking metrics over all items (training items excluded) and rating metrics on the test pairs."""
+def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: int, num_items: int,
+             predictions_path: Path | None = None) -> dict:
+    """Ranking metrics over all items (training items excluded) and rating metrics on the test pairs;
+    the predicted ratings are saved to ``predictions_path`` when given."""
     model.eval()
-    if isinstance(model, SVDPlusPlus):
+    if isinstance(model, (SVDPlusPlus, ItemAutoRec)):
         scores = model.all_scores()  # rank by predicted rating
-        predicted = scores.view(-1)[test.users * num_items + test.items]
+        predicted = scores.reshape(-1)[test.users * num_items + test.items]
     else:
         scores = model.all_logits()
         predicted = model(test.users, test.items)[1]
     model.train()
+    if predictions_path is not None:
+        torch.save({"users": test.users.cpu(), "items": test.items.cpu(), "ratings": test.ratings.cpu(),
+                    "predicted": predicted.cpu()}, predictions_path)
     train_seen = interaction_matrix(train, num_users, num_items)
     metrics = {"mrr": mrr_score(scores, train_seen, test.users, test.items)}
     metrics.update(top_k_metrics(scores, train_seen, interaction_matrix(test, num_users, num_items), k=10))
@@ -198,8 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise CS330Error(f"{run_dir} already holds checkpoints: add --resume to continue that run, "
                          "or choose another --log_dir / delete the folder to start over")
 
+    rated = None
+    if args.implicit_from_test:
+        if args.model != "svdpp":
+            raise CS330Error("--implicit_from_test only applies to --model svdpp")
+        # Who rated what, over the whole split: ids of the test pairs, never their ratings.
+        rated = Ratings(torch.cat([split.train.users, split.test.users]), torch.cat([split.train.items,
+                        split.test.items]), torch.zeros(len(split.train) + len(split.test)))
     seed_everything(args.seed)
-    model = build_model(args, train, split.num_users, split.num_items).to(device)
+    model = build_model(args, train, split.num_users, split.num_items, rated).to(device)
     train, evaluation = train.to(device), evaluation.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.weight_decay if args.model == "multitask" else 0.0)
@@ -249,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
                                              "generator": generator.get_state(), "rng": capture_rng_state()},
                             keep_last=2)
 
-    metrics = evaluate(model, train, evaluation, split.num_users, split.num_items)
+    metrics = evaluate(model, train, evaluation, split.num_users, split.num_items,
+                       run_dir / "predictions.pt" if args.save_predictions else None)
     results = {f"{eval_name}/{key}": value for key, value in metrics.items()}
     results["train_seconds"] = time.perf_counter() - started  # this session only, if resumed
     logger.finish(results)

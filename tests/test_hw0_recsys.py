@@ -16,8 +16,9 @@ import torch
 
 from common.errors import CS330Error
 from hw0_recsys import train as train_script
-from hw0_recsys.data import holdout, load_split, read_ratings
+from hw0_recsys.data import Ratings, holdout, load_split, read_ratings
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
+from hw0_recsys.model import MultiTaskNet
 
 
 def write_synthetic_ml100k(root, num_users: int = 40, num_items: int = 60, per_user: int = 25) -> None:
@@ -162,6 +163,49 @@ def test_svdpp_run_fits_the_ratings_and_val_fraction_avoids_test(synthetic_dir, 
     assert regression[-1] < 0.5 * regression[0]
 
 
+def test_autorec_run_fits_the_ratings_and_saves_predictions(synthetic_dir, tmp_path):
+    results = train_script.main(train_args(synthetic_dir, tmp_path / "run", "--model", "autorec", "--num_epochs",
+                                           "60", "--embedding_dim", "16", "--autorec_reg", "1", "--save_predictions"))
+    regression = scalar_curve(tmp_path / "run", "train/regression_loss")
+    assert regression[-1] < 0.5 * regression[0]
+    saved = torch.load(tmp_path / "run" / "predictions.pt", weights_only=True)
+    assert saved["predicted"].shape == saved["ratings"].shape == saved["users"].shape
+    assert rating_metrics(saved["predicted"], saved["ratings"])["rmse"] == pytest.approx(results["test/rmse"])
+
+
+def test_factorization_losses_match_their_formulas():
+    args = train_script.parse_args(["--factorization_weight", "1", "--regression_weight", "0"])
+    model = MultiTaskNet(3, 4, embedding_dim=2)
+    batch = Ratings(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]), torch.tensor([4.0, 2.0, 5.0]))
+    positive, _ = model(batch.users, batch.items)
+    expected = {}
+    for loss_name in ("course", "bpr", "pointwise"):
+        args.factorization_loss = loss_name
+        generator = torch.Generator().manual_seed(0)
+        negative, _ = model(batch.users, torch.randint(4, (3,), generator=torch.Generator().manual_seed(0)))
+        expected = {"course": (1 - torch.sigmoid(positive - negative)).mean(),
+                    "bpr": -torch.log(torch.sigmoid(positive - negative)).mean(),
+                    "pointwise": (1 - torch.sigmoid(positive) + torch.sigmoid(negative)).mean()}
+        losses = train_script.training_losses(args, model, batch, generator)
+        assert float(losses["factorization_loss"]) == pytest.approx(float(expected[loss_name]), rel=1e-5)
+
+
+def test_implicit_from_test_adds_test_items_to_n_u_but_not_their_ratings(synthetic_dir, tmp_path):
+    split = load_split("random", synthetic_dir)
+    args = train_script.parse_args(["--model", "svdpp", "--embedding_dim", "4"])
+    rated = Ratings(torch.cat([split.train.users, split.test.users]), torch.cat([split.train.items, split.test.items]),
+                    torch.zeros(len(split.train) + len(split.test)))
+    plain = train_script.build_model(args, split.train, split.num_users, split.num_items)
+    transductive = train_script.build_model(args, split.train, split.num_users, split.num_items, rated)
+    user, item = int(split.test.users[0]), int(split.test.items[0])
+    assert plain.implicit.to_dense()[user, item] == 0 < transductive.implicit.to_dense()[user, item]
+    assert torch.equal(plain.user_weights, transductive.user_weights)  # L2 still counts training ratings only
+    assert torch.equal(plain.implicit_weights, transductive.implicit_weights)
+    results = train_script.main(train_args(synthetic_dir, tmp_path / "run", "--model", "svdpp", "--num_epochs", "5",
+                                           "--embedding_dim", "4", "--implicit_from_test"))
+    assert math.isfinite(results["test/rmse"])
+
+
 def test_same_seed_reproduces_and_other_seed_differs(synthetic_dir, tmp_path):
     flags = ("--num_epochs", "2", "--batch_size", "64")
     first = train_script.main(train_args(synthetic_dir, tmp_path / "a", *flags))
@@ -208,6 +252,8 @@ def test_resume_after_a_kill_gives_identical_final_metrics(synthetic_dir, tmp_pa
     ["--batch_size", "-3"],
     ["--split", "u9"],
     ["--num_epochs", "0"],
+    ["--model", "svdpp", "--autorec_reg", "-1"],
+    ["--factorization_loss", "hinge"],
 ])
 def test_bad_flags_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
