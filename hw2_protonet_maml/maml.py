@@ -14,6 +14,7 @@ import torch
 
 from common.cli import positive_int
 from common.errors import cli_main
+from common.seeding import seed_everything
 from hw2_protonet_maml.algorithms import MAML
 from hw2_protonet_maml.training import MetaTrainer, add_episode_args, check_episode_args
 
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    seed_everything(args.seed)  # before the model is built: its initial weights depend on the seed
     model = MAML(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.first_order,
                  args.num_filters, args.conv_stride, seed=args.seed)
     model.eval_num_inner_steps = args.eval_num_inner_steps

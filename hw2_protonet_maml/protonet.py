@@ -12,6 +12,7 @@ import argparse
 import torch
 
 from common.errors import cli_main
+from common.seeding import seed_everything
 from hw2_protonet_maml.algorithms import ProtoNet
 from hw2_protonet_maml.training import MetaTrainer, add_episode_args, check_episode_args
 
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    seed_everything(args.seed)  # before the model is built: its initial weights depend on the seed
     # Training tasks may use more classes than test tasks (higher-way training).
     test_way, args.num_way = args.num_way, args.train_num_way
     args.test_num_way = args.test_num_way if args.test_num_way != test_way else test_way

@@ -28,7 +28,6 @@ from common.device import resolve_device
 from common.errors import CS330Error
 from common.omniglot import PROTOCOLS, EpisodeSampler, OmniglotStore
 from common.runlog import RunLogger, build_run_name, runs_root, write_json
-from common.seeding import seed_everything
 from common.stats import mean_ci95
 
 HOMEWORK = "hw2_protonet_maml"
@@ -90,7 +89,6 @@ class MetaTrainer:
                  optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
         self.args = args
         self.device = resolve_device(args.device)
-        seed_everything(args.seed)
         self.model = model.to(self.device)
         if args.bf16:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -1,0 +1,172 @@
+"""hw2: MAML meta-gradients against a straightforward implementation, ProtoNet maths, short real runs,
+resume after SIGKILL, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.omniglot import Episodes, EpisodeSampler
+from hw2_protonet_maml import maml as maml_script
+from hw2_protonet_maml import protonet as protonet_script
+from hw2_protonet_maml.algorithms import MAML, reference_maml_loss
+from hw2_protonet_maml.models import proto_logits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_episodes(batch=3, way=3, shot=2, query=2, size=8, seed=0) -> Episodes:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(way)
+    return Episodes(
+        torch.rand(batch, way * shot, 1, size, size, generator=g, dtype=torch.float64),
+        labels.repeat_interleave(shot).expand(batch, -1),
+        torch.rand(batch, way * query, 1, size, size, generator=g, dtype=torch.float64),
+        labels.repeat_interleave(query).expand(batch, -1),
+    )
+
+
+def meta_grads(model: MAML, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    return {k: g for (k, _), g in zip(named, grads)}
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("learn_lrs", [False, True])
+def test_maml_meta_gradient_matches_per_task_loop(steps, learn_lrs):
+    model = MAML(num_way=3, num_inner_steps=steps, inner_lr=0.1, learn_inner_lrs=learn_lrs,
+                 hidden_channels=4, seed=0).double()
+    episodes = tiny_episodes()
+    fast = meta_grads(model, model(episodes)[0])
+    slow = meta_grads(model, reference_maml_loss(model, episodes))
+    assert fast.keys() == slow.keys()
+    assert any(k.startswith("inner_lrs") for k in fast) == learn_lrs
+    for key in fast:
+        torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
+
+
+def test_first_order_differs_from_second_order_where_it_should():
+    episodes = tiny_episodes()
+    grads = {}
+    for first_order in (False, True):
+        model = MAML(3, num_inner_steps=2, inner_lr=0.1, first_order=first_order, hidden_channels=4).double()
+        grads[first_order] = meta_grads(model, model(episodes)[0])
+        # First order in both implementations agrees too.
+        torch.testing.assert_close(grads[first_order]["meta_params.conv0"],
+                                   meta_grads(model, reference_maml_loss(model, episodes))["meta_params.conv0"])
+    assert (grads[True]["meta_params.conv1"] - grads[False]["meta_params.conv1"]).abs().max() > 1e-6
+    # With zero inner steps there is nothing to differentiate through: the two coincide.
+    m2 = MAML(3, inner_lr=0.1, first_order=False, hidden_channels=4).double()
+    m1 = MAML(3, inner_lr=0.1, first_order=True, hidden_channels=4).double()
+    g2 = meta_grads(m2, m2(episodes, num_inner_steps=0)[0])
+    g1 = meta_grads(m1, m1(episodes, num_inner_steps=0)[0])
+    for key in g1:
+        torch.testing.assert_close(g1[key], g2[key])
+
+
+def test_proto_logits_by_hand():
+    support = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]]])  # [1, 3, 2]
+    labels = torch.tensor([[0, 0, 1]])  # prototypes (1, 0) and (0, 4)
+    query = torch.tensor([[[1.0, 1.0]]])
+    logits = proto_logits(support, labels, query, num_way=2)
+    torch.testing.assert_close(logits, torch.tensor([[[-1.0, -10.0]]]))
+
+
+def test_maml_adaptation_improves_support_accuracy(omniglot_store):
+    sampler = EpisodeSampler(omniglot_store.split("train"), 5, 1, 5, seed=0)
+    model = MAML(5, num_inner_steps=3, inner_lr=0.4, hidden_channels=16, seed=0)
+    with torch.no_grad():  # the inner loop still differentiates (torch.func.grad ignores an outer no_grad)
+        _, metrics = model(sampler.sample(8))
+    assert metrics["support_acc_post"].mean() > metrics["support_acc_pre"].mean() + 0.2
+
+
+def run_flags(data_dir, log_dir, *extra) -> list[str]:
+    return ["--num_way", "5", "--num_support", "1", "--num_query", "5", "--batch_size", "4",
+            "--num_val_tasks", "4", "--num_test_tasks", "30", "--device", "cpu",
+            "--data_dir", str(data_dir), "--log_dir", str(log_dir), *extra]
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())["metrics"]
+
+
+def test_protonet_learns_and_test_mode_reports_interval(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "pn"
+    protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "40", "--val_interval", "20"))
+    metrics = results(run)
+    assert metrics["test_accuracy"] > 0.5  # chance is 0.2
+    assert 0 < metrics["test_ci95"] < 0.1
+    protonet_script.main(run_flags(omniglot_data_dir, run, "--test", "--test_num_support", "3"))
+    out = capsys.readouterr().out
+    assert "5-way 3-shot" in out and "95% interval" in out
+    written = json.loads(next(run.glob("test_way5_shot3_*.json")).read_text())
+    assert written["test_accuracy"] >= metrics["test_accuracy"] - 0.05  # more support data does not hurt
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(omniglot_data_dir, tmp_path):
+    flags = ["--num_train_iterations", "16", "--save_interval", "2", "--val_interval", "8", "--seed", "3"]
+    straight = tmp_path / "straight"
+    protonet_script.main(run_flags(omniglot_data_dir, straight, *flags))
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "hw2_protonet_maml" / "protonet.py"),
+                             *run_flags(omniglot_data_dir, killed, *flags)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoints" / "step0000006.pt").exists():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    protonet_script.main(run_flags(omniglot_data_dir, killed, *flags, "--resume"))
+    assert results(killed)["test_accuracy"] == results(straight)["test_accuracy"]
+
+
+def test_existing_run_without_resume_is_refused(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "pn"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"step": 1}, run / "checkpoints" / "step0000001.pt")
+    with pytest.raises(SystemExit) as info:
+        protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "2"))
+    assert info.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_test_mode_without_checkpoint_says_so(omniglot_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        maml_script.main(run_flags(omniglot_data_dir, tmp_path / "empty", "--test", "--num_filters", "4"))
+    assert info.value.code == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    (protonet_script, ["--num_support", "10", "--num_query", "15"], "only 20 drawings"),
+    (protonet_script, ["--learning_rate", "0"], "must be positive"),
+    (maml_script, ["--test_num_way", "7"], "output layer"),
+    (maml_script, ["--inner_lr", "-1"], "must be positive"),
+    (maml_script, ["--num_inner_steps", "0"], "positive integer"),
+])
+def test_bad_flags_are_refused_early(script, flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_maml_short_run_logs_adaptation(omniglot_data_dir, tmp_path):
+    run = tmp_path / "maml"
+    maml_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "4", "--val_interval", "2",
+                               "--num_filters", "8", "--conv_stride", "2", "--learn_inner_lrs"))
+    metrics = results(run)
+    assert metrics["test_support_acc_post"] > metrics["test_support_acc_pre"]
+    assert {"hparams.json", "results.json", "checkpoints"} <= {p.name for p in run.iterdir()}
