@@ -22,8 +22,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# A short real hw2 run: ProtoNet 5-way 1-shot on Omniglot, test accuracy with its 95% interval,
+# TensorBoard logs under runs/. --resume makes a second `make demo` reuse the finished run.
 demo: setup
-	$(PY) hw2_protonet_maml/protonet.py --num_way 5 --num_support 1 --num_train_iterations 600 --num_test_tasks 600
+	$(PY) hw2_protonet_maml/protonet.py --num_way 5 --num_support 1 --num_train_iterations 200 \
+		--val_interval 100 --num_test_tasks 600 --bf16 --log_dir runs/demo/protonet_5way_1shot --resume
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -33,6 +36,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_omniglot.py
+	$(PY) hw2_protonet_maml/bench.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
