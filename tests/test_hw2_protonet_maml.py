@@ -4,7 +4,6 @@ resume after SIGKILL, and clear errors."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -112,25 +111,30 @@ def test_protonet_learns_and_test_mode_reports_interval(omniglot_data_dir, tmp_p
     assert written["test_accuracy"] >= metrics["test_accuracy"] - 0.05  # more support data does not hurt
 
 
+def start_protonet(log: Path, *flags: str) -> subprocess.Popen:
+    # Every part runs in its own process, as a user's runs would (and so thread settings that other
+    # tests change in this process cannot make the floating-point results differ).
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "hw2_protonet_maml" / "protonet.py"), *flags],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(omniglot_data_dir, tmp_path):
     flags = ["--num_train_iterations", "16", "--save_interval", "2", "--val_interval", "8", "--seed", "3"]
-    straight = tmp_path / "straight"
-    protonet_script.main(run_flags(omniglot_data_dir, straight, *flags))
-
-    killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "hw2_protonet_maml" / "protonet.py"),
-                             *run_flags(omniglot_data_dir, killed, *flags)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    uninterrupted = start_protonet(tmp_path / "straight.log", *run_flags(omniglot_data_dir, straight, *flags))
+    proc = start_protonet(tmp_path / "killed.log", *run_flags(omniglot_data_dir, killed, *flags))
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (killed / "checkpoints" / "step0000006.pt").exists():
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait()
-    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
-    protonet_script.main(run_flags(omniglot_data_dir, killed, *flags, "--resume"))
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = start_protonet(tmp_path / "resumed.log", *run_flags(omniglot_data_dir, killed, *flags, "--resume"))
+    for run, log in ((uninterrupted, "straight.log"), (resumed, "resumed.log")):
+        assert run.wait() == 0, (tmp_path / log).read_text()[-2000:]
     assert results(killed)["test_accuracy"] == results(straight)["test_accuracy"]
 
 

@@ -22,7 +22,14 @@ from hw3_lm_fewshot.icl import run_icl
 from hw3_lm_fewshot.metrics import TASK_METRIC
 from hw3_lm_fewshot.models import count_parameters, load_causal_lm, load_classifier, resolve_model, transformer_blocks
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These small models run faster on one thread; restore the setting for the other test modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def installed(dist: str) -> bool:
