@@ -54,8 +54,8 @@ def write_json(path: Path, obj: Any) -> None:
 class RunLogger:
     """TensorBoard + progress bar + results.json for one run.
 
-    ``start_step`` is the step a resumed run continues from: TensorBoard events at or after it
-    from the killed run are purged so curves do not double back.
+    ``start_step`` is the step of the checkpoint a resumed run continues from: TensorBoard events
+    the killed run wrote after it are purged so curves do not double back.
     """
 
     def __init__(
@@ -72,7 +72,7 @@ class RunLogger:
         self.hparams = {k: _jsonable(v) for k, v in hparams.items()}
         write_json(self.run_dir / "hparams.json", self.hparams)
         self.writer = (
-            SummaryWriter(str(self.run_dir), purge_step=start_step if start_step > 0 else None)
+            SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if start_step > 0 else None)
             if enable_tensorboard else None
         )
         self.bar = tqdm(
