@@ -47,10 +47,13 @@ def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, ma
             truncated += 1
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     references = [ex.y for ex in task.eval]
+    seconds = time.time() - start
+    # the answers re-tokenized (the stop token and stripped spaces are not counted); the time includes prefill
+    generated = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions)
     return {
         "method": "icl", "prompt": prompt, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
         "score": score(task.name, predictions, references), "truncated_prompts": truncated,
-        "seconds": time.time() - start,
+        "seconds": seconds, "generated_tokens": generated, "tokens_per_s": generated / max(seconds, 1e-9),
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
     }
 
