@@ -150,6 +150,17 @@ def test_tiny_end_to_end_ft_classifier():
     assert result["metric"] == TASK_METRIC["amazon"] and 0 < result["trainable_params"] < result["total_params"]
 
 
+@needs_minilm
+def test_min_steps_delays_early_stopping():
+    reviews = ["awful", "poor", "fine", "good", "excellent"]
+    pool = [Example(text, label) for label, text in enumerate(reviews)]
+    task = TaskData("amazon", pool, pool, "hand-made")
+    always_stop = ("--eval_every", "1", "--early_stop_acc", "0.0", "--max_steps", "3")
+    assert run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=tiny_args(*always_stop))["steps"] == 1
+    delayed = tiny_args(*always_stop, "--min_steps", "3")
+    assert run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=delayed)["steps"] == 3
+
+
 @needs_smollm2
 def test_tiny_end_to_end_ft_and_icl_babi(smollm2):
     task = fixture_task()
@@ -160,6 +171,7 @@ def test_tiny_end_to_end_ft_and_icl_babi(smollm2):
     model, tokenizer = smollm2
     icl = run_icl(model, tokenizer, task, k=1, prompt="qa", seed=0)
     assert icl["metric"] == "exact_match" and 0.0 <= icl["score"] <= 1.0
+    assert icl["generated_tokens"] >= 0 and icl["tokens_per_s"] >= 0.0
     assert len(icl["examples"]) == 2 and all(len(e["prediction"].split()) <= 6 for e in icl["examples"])
 
 
