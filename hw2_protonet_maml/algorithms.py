@@ -58,16 +58,20 @@ class ProtoNet(nn.Module):
 class MAML(nn.Module):
     """Model-agnostic meta-learning (Finn et al. 2017) on the functional conv net.
 
-    The inner loop uses ``torch.func.grad`` and the whole per-task computation (inner adaptation on
-    the support set, loss on the query set) is ``vmap``-ed over the tasks of a meta-batch, so the
-    B tasks run as one batched computation instead of a Python loop (``bench.py`` measures the
-    gain). Second-order by default: ``loss.backward()`` differentiates through the inner gradient
-    steps. ``first_order=True`` detaches the inner gradients (FOMAML).
+    The inner loop uses ``torch.func.grad`` on the functional network, second order by default:
+    ``loss.backward()`` differentiates through the inner gradient steps; ``first_order=True``
+    detaches the inner gradients (FOMAML).
+
+    Tasks of a meta-batch run one after another by default. ``vmap_tasks=True`` instead vmaps the
+    per-task computation over the meta-batch (one grouped convolution for all tasks). On the 2-core
+    CPU this repo was measured on, vmap was about 2x *slower* than the loop (the per-task
+    activations fit in cache, the batched ones do not; see ``bench.py`` and the README), so the
+    loop is the default; bfloat16 autocast (``--bf16``) is what speeds MAML up there.
     """
 
     def __init__(self, num_way: int, num_inner_steps: int = 1, inner_lr: float = 0.4,
                  learn_inner_lrs: bool = False, first_order: bool = False, hidden_channels: int = 64,
-                 conv_stride: int = 1, seed: int = 0) -> None:
+                 conv_stride: int = 1, seed: int = 0, vmap_tasks: bool = False) -> None:
         super().__init__()
         init = init_maml_params(num_way, hidden_channels=hidden_channels,
                                 generator=torch.Generator().manual_seed(seed))
@@ -80,7 +84,8 @@ class MAML(nn.Module):
         self.eval_num_inner_steps = num_inner_steps
         self.first_order = first_order
         self.conv_stride = conv_stride
-        self.per_task_eval = False  # batch norm statistics are per task already (vmap)
+        self.vmap_tasks = vmap_tasks
+        self.per_task_eval = False  # batch norm statistics are per task already
 
     def _support_loss(self, params, images, labels):
         logits = maml_forward(params, images, self.conv_stride)
@@ -113,9 +118,13 @@ class MAML(nn.Module):
         if num_inner_steps is None:
             num_inner_steps = self.num_inner_steps if self.training else self.eval_num_inner_steps
         params = dict(self.meta_params)
-        # vmap over tasks (dim 0 of every episode tensor); the meta-parameters are shared.
-        task_losses, support_accs, query_accs = vmap(
-            self._task_loss, in_dims=(None, 0, 0, 0, 0, None))(params, *episodes, num_inner_steps)
+        if self.vmap_tasks:  # dim 0 of every episode tensor is the task; the meta-parameters are shared
+            task_losses, support_accs, query_accs = vmap(
+                self._task_loss, in_dims=(None, 0, 0, 0, 0, None))(params, *episodes, num_inner_steps)
+        else:
+            per_task = [self._task_loss(params, *(t[b] for t in episodes), num_inner_steps)
+                        for b in range(episodes.support_images.shape[0])]
+            task_losses, support_accs, query_accs = (torch.stack(values) for values in zip(*per_task))
         loss = task_losses.mean()
         support_accs = support_accs.detach()  # [B, steps + 1]
         return loss, {

@@ -41,9 +41,10 @@ def meta_grads(model: MAML, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("learn_lrs", [False, True])
-def test_maml_meta_gradient_matches_per_task_loop(steps, learn_lrs):
+@pytest.mark.parametrize("vmap_tasks", [False, True])
+def test_maml_meta_gradient_matches_per_task_loop(steps, learn_lrs, vmap_tasks):
     model = MAML(num_way=3, num_inner_steps=steps, inner_lr=0.1, learn_inner_lrs=learn_lrs,
-                 hidden_channels=4, seed=0).double()
+                 hidden_channels=4, seed=0, vmap_tasks=vmap_tasks).double()
     episodes = tiny_episodes()
     fast = meta_grads(model, model(episodes)[0])
     slow = meta_grads(model, reference_maml_loss(model, episodes))
