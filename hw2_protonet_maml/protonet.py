@@ -43,9 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     seed_everything(args.seed)  # before the model is built: its initial weights depend on the seed
-    # Training tasks may use more classes than test tasks (higher-way training).
-    test_way, args.num_way = args.num_way, args.train_num_way
-    args.test_num_way = args.test_num_way if args.test_num_way != test_way else test_way
+    # Training (and validation) tasks may use more classes than test tasks (higher-way training);
+    # --test_num_way already defaults to the --num_way given on the command line.
+    args.num_way = args.train_num_way
     model = ProtoNet(eval_bn=args.eval_bn)
     trainer = MetaTrainer(
         args, model, "protonet",

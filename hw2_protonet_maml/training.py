@@ -96,13 +96,15 @@ class MetaTrainer:
         self.run_name = build_run_name(run_prefix, {"proto": args.protocol, **run_params, "seed": args.seed})
         self.run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / self.run_name
         self.store = OmniglotStore.load(args.data_dir)
+        self._splits: dict[str, torch.Tensor] = {}
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
 
     def sampler(self, split: str, num_way: int, num_support: int, num_query: int, seed: int) -> EpisodeSampler:
-        return EpisodeSampler(self.store.split(split, self.args.protocol), num_way, num_support, num_query,
-                              self.device, seed)
+        if split not in self._splits:  # built once: validation asks for a sampler every --val_interval
+            self._splits[split] = self.store.split(split, self.args.protocol).to(self.device)
+        return EpisodeSampler(self._splits[split], num_way, num_support, num_query, self.device, seed)
 
     def evaluate(self, split: str, num_tasks: int, num_way: int, num_support: int, num_query: int,
                  ) -> dict[str, list[float]]:
