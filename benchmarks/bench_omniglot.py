@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from common.data import fetch
-from common.omniglot import OMNIGLOT_ARCHIVES, EpisodeSampler, OmniglotStore, decode_image
+from common.omniglot import OMNIGLOT_ARCHIVES, EpisodeSampler, OmniglotStore, character_members, decode_image
 
 
 def store_rate(sampler: EpisodeSampler, batch: int, seconds: float) -> float:
@@ -56,13 +56,8 @@ def main() -> None:
           f"{tuple(store.images.shape)} uint8")
     train = store.split("train")
     archives = [zipfile.ZipFile(fetch(remote, args.data_dir)) for remote in OMNIGLOT_ARCHIVES]
-    members = []
-    for index, archive in enumerate(archives):
-        groups: dict[str, list[str]] = {}
-        for name in archive.namelist():
-            if name.endswith(".png"):
-                groups.setdefault(name.rsplit("/", 1)[0], []).append(name)
-        members += [(index, sorted(files)) for _, files in sorted(groups.items())]
+    members = [(index, files) for index, archive in enumerate(archives)
+               for files in character_members(archive).values()]
     rng = np.random.default_rng(0)
     torch.set_num_threads(1)
     print(f"{'task':<26}{'store tasks/s':>15}{'per-sample tasks/s':>20}{'speed-up':>10}")

@@ -56,7 +56,7 @@ def _sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def _character_members(archive: zipfile.ZipFile) -> dict[str, list[str]]:
+def character_members(archive: zipfile.ZipFile) -> dict[str, list[str]]:
     """PNG members grouped by character folder (``<split>/<alphabet>/<character>``), sorted by name
     so the result does not depend on the order of entries in the zip."""
     groups: dict[str, list[str]] = {}
@@ -78,7 +78,7 @@ def _decode_archives(paths: list[Path], image_size: int) -> tuple[np.ndarray, li
     characters, blocks = [], []
     for path in paths:
         with zipfile.ZipFile(path) as archive:
-            members = _character_members(archive)
+            members = character_members(archive)
             bar = tqdm(members.items(), desc=f"decode {path.name}", unit="char", leave=False)
             for char, files in bar:
                 if len(files) != NUM_DRAWINGS:
