@@ -20,7 +20,14 @@ import torch
 from common.cli import positive_int
 from common.data import fetch
 from common.errors import cli_main
-from common.omniglot import NUM_DRAWINGS, OMNIGLOT_ARCHIVES, OmniglotStore, decode_image, split_characters
+from common.omniglot import (
+    NUM_DRAWINGS,
+    OMNIGLOT_ARCHIVES,
+    OmniglotStore,
+    character_members,
+    decode_image,
+    split_characters,
+)
 from hw1_mann.data import SequenceSampler
 
 
@@ -61,11 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # The same training characters, as lists of (zip, PNG member) pairs.
     paths = {remote.relpath: fetch(remote, args.data_dir) for remote in OMNIGLOT_ARCHIVES}
     archives = {name: zipfile.ZipFile(path) for name, path in paths.items()}
-    by_character: dict[str, list[tuple[str, str]]] = {}
-    for name, archive in archives.items():
-        for member in archive.namelist():
-            if member.endswith(".png"):
-                by_character.setdefault(member.rsplit("/", 1)[0], []).append((name, member))
+    by_character = {char: [(name, member) for member in files]
+                    for name, archive in archives.items() for char, files in character_members(archive).items()}
     assert all(len(files) == NUM_DRAWINGS for files in by_character.values())
     characters = [by_character[c] for c in store.characters]
     members = [characters[i] for i in split_characters(len(characters))["train"]]
