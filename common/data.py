@@ -190,8 +190,7 @@ def fetch_extracted(
             return path
     archive = fetch(remote, data_dir)
     target = data_root(data_dir) / folder
-    safe_extract(archive, target.parent / f".extract-{target.name}")
-    extracted = target.parent / f".extract-{target.name}"
+    extracted = safe_extract(archive, target.parent / f".extract-{target.name}")
     try:
         inner = extracted / target.name
         source = inner if (inner / marker).exists() else extracted

@@ -22,6 +22,7 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
+from common.checkpoint import list_checkpoints
 from common.device import DEVICE_CHOICES
 from common.runlog import runs_root, write_json
 
@@ -92,7 +93,7 @@ def main() -> None:
             row["support acc pre/post"] = f"{pre:.3f}/{post:.3f}"
         if "1shot" in name or name.startswith("maml"):
             for k in TEST_SHOTS:
-                result = run_dir / f"test_way5_shot{k}_query10_step{_last_step(run_dir)}.json"
+                result = run_dir / f"test_way5_shot{k}_query10_step{max(list_checkpoints(run_dir))}.json"
                 if not result.exists():
                     run(script, [*flags, *common, "--test", "--test_num_support", str(k), "--test_num_query", "10"])
                 tested = json.loads(result.read_text())
@@ -110,10 +111,6 @@ def main() -> None:
     plot_accuracy_vs_k(table, out / "accuracy_vs_k.png")
     plot_curves(curves, out / "val_curves.png")
     print(f"wrote {out}/results.md, results.json, accuracy_vs_k.png, val_curves.png")
-
-
-def _last_step(run_dir: Path) -> int:
-    return max(int(p.stem[4:]) for p in (run_dir / "checkpoints").glob("step*.pt"))
 
 
 def plot_accuracy_vs_k(table: pd.DataFrame, path: Path) -> None:

@@ -62,12 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                   "batch": args.batch_size, "steps": args.num_inner_steps, "ilr": args.inner_lr,
                   "learnilr": int(args.learn_inner_lrs), "olr": args.outer_lr, "fo": int(args.first_order),
                   "filt": args.num_filters, "stride": args.conv_stride, "bf16": int(args.bf16)}
-    trainer = MetaTrainer(args, model, "maml", run_params,
-                          lambda m: torch.optim.Adam(m.parameters(), lr=args.outer_lr))
-    if args.test:
-        trainer.run_test_only()
-    else:
-        trainer.train()
+    MetaTrainer(args, model, "maml", run_params, lambda m: torch.optim.Adam(m.parameters(), lr=args.outer_lr)).run()
 
 
 if __name__ == "__main__":

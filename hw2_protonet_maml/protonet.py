@@ -47,16 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     # --test_num_way already defaults to the --num_way given on the command line.
     args.num_way = args.train_num_way
     model = ProtoNet(eval_bn=args.eval_bn)
-    trainer = MetaTrainer(
+    MetaTrainer(
         args, model, "protonet",
         {"way": args.train_num_way, "shot": args.num_support, "query": args.num_query, "batch": args.batch_size,
          "lr": args.learning_rate, "bn": args.eval_bn, "bf16": int(args.bf16)},
         lambda m: torch.optim.Adam(m.parameters(), lr=args.learning_rate),
-    )
-    if args.test:
-        trainer.run_test_only()
-    else:
-        trainer.train()
+    ).run()
 
 
 if __name__ == "__main__":

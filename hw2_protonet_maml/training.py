@@ -174,13 +174,13 @@ class MetaTrainer:
                     "elapsed": time.perf_counter() - tic, "time_to_val_target": reached_target,
                 })
         logger.advance(args.num_train_iterations)
-        results = self.test(run_dir, logger)
+        results = self.test(logger)
         logger.finish({**results, "train_seconds": time.perf_counter() - tic,
                        f"seconds_to_val_acc_{VAL_TARGET}": reached_target})
         logger.close()
         return run_dir
 
-    def test(self, run_dir: Path, logger: RunLogger | None = None) -> dict[str, float]:
+    def test(self, logger: RunLogger | None = None) -> dict[str, float]:
         """Mean query accuracy over the test tasks with its 95% interval."""
         args = self.args
         per_task = self.evaluate("test", args.num_test_tasks, args.test_num_way, args.test_num_support,
@@ -197,11 +197,18 @@ class MetaTrainer:
         (logger.write if logger else print)(message)
         return results
 
+    def run(self) -> None:
+        """What the script was asked for: evaluate a checkpoint (``--test``) or train."""
+        if self.args.test:
+            self.run_test_only()
+        else:
+            self.train()
+
     def run_test_only(self) -> None:
         run_dir = self.run_dir
         state = load_checkpoint(run_dir, self.args.checkpoint_step, map_location=self.device)
         self.model.load_state_dict(state["model"])
-        results = self.test(run_dir)
+        results = self.test()
         name = (f"test_way{self.args.test_num_way}_shot{self.args.test_num_support}"
                 f"_query{self.args.test_num_query}_step{state['step']}.json")
         write_json(run_dir / name, {"checkpoint_step": state["step"], **results})
