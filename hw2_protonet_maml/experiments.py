@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(GRID), default=sorted(GRID), help="subset of runs")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     parser.add_argument("--protocol", choices=("cs330", "vinyals"), default="cs330")
-    parser.add_argument("--bf16", action="store_true", help="pass --bf16 to ProtoNet runs")
+    parser.add_argument("--bf16", action="store_true", help="pass --bf16 to every run (MAML: query pass only)")
+    parser.add_argument("--compile_query", action="store_true", help="pass --compile_query to MAML runs")
     parser.add_argument("--out", default=None, help="output folder (default: runs/hw2_protonet_maml/experiments)")
     args = parser.parse_args()
 
@@ -80,8 +81,10 @@ def main() -> None:
                   "--num_test_tasks", test_tasks]
         if args.quick:
             common += ["--val_interval", "20" if script == "maml.py" else "50", "--num_val_tasks", "32"]
-        if args.bf16 and script == "protonet.py":
+        if args.bf16:
             common.append("--bf16")
+        if args.compile_query and script == "maml.py":
+            common.append("--compile_query")
         if not (run_dir / "results.json").exists():
             resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
             run(script, [*flags, *common, "--num_train_iterations", str(iterations[script]), *resume])

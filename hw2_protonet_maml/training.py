@@ -66,7 +66,8 @@ def add_episode_args(parser: argparse.ArgumentParser, num_support: int, num_trai
     speed = parser.add_argument_group("speed")
     speed.add_argument("--bf16", action="store_true",
                        help="bfloat16 autocast + channels-last convolutions: about 2x faster on CPUs with "
-                            "AVX-512 BF16 / AMX and on recent GPUs (see bench.py)")
+                            "AVX-512 BF16 / AMX and on recent GPUs (see bench.py); MAML keeps its inner loop "
+                            "in fp32")
     add_run_args(parser)
 
 

@@ -54,6 +54,29 @@ def test_maml_meta_gradient_matches_per_task_loop(steps, learn_lrs, vmap_tasks):
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
 
 
+def test_maml_compiled_query_pass_gives_the_same_meta_gradient():
+    model = MAML(num_way=3, inner_lr=0.1, learn_inner_lrs=True, hidden_channels=4, seed=0,
+                 compile_query=True).double()
+    episodes = tiny_episodes()
+    fast = meta_grads(model, model(episodes)[0])
+    slow = meta_grads(model, reference_maml_loss(model, episodes))
+    for key in fast:
+        torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
+
+
+def test_maml_inner_loop_stays_float32_under_bf16_autocast():
+    model = MAML(num_way=3, num_inner_steps=2, inner_lr=0.1, hidden_channels=4, seed=0)
+    support, support_labels = (t[0].float() if t.is_floating_point() else t[0] for t in tiny_episodes()[:2])
+    params = dict(model.meta_params)
+    plain, plain_accs = model.inner_adapt(params, support, support_labels, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_accs = model.inner_adapt(params, support, support_labels, 2)
+    assert torch.equal(plain_accs, mixed_accs)
+    for key in plain:
+        assert mixed[key].dtype == torch.float32
+        assert torch.equal(mixed[key], plain[key]), key
+
+
 def test_first_order_differs_from_second_order_where_it_should():
     episodes = tiny_episodes()
     grads = {}
@@ -161,6 +184,7 @@ def test_test_mode_without_checkpoint_says_so(omniglot_data_dir, tmp_path, capsy
     (maml_script, ["--test_num_way", "7"], "output layer"),
     (maml_script, ["--inner_lr", "-1"], "must be positive"),
     (maml_script, ["--num_inner_steps", "0"], "positive integer"),
+    (maml_script, ["--compile_query", "--vmap_tasks"], "drop it or --vmap_tasks"),
 ])
 def test_bad_flags_are_refused_early(script, flags, message, capsys):
     with pytest.raises(SystemExit) as info:
