@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="vmap the per-task computation over the meta-batch instead of looping over tasks "
                             "(measured 2x slower on a 2-core CPU; may pay off on a GPU)")
     model.add_argument("--compile_query", action="store_true",
-                       help="torch.compile the query pass (same maths, ~1.15x faster per iteration on a 2-core "
+                       help="torch.compile the query pass (same maths, ~1.1x faster per iteration on a 2-core "
                             "CPU after a ~20 s compile; not with --vmap_tasks). With --bf16 only the query pass "
                             "runs in bf16, the inner loop stays fp32")
     args = parser.parse_args(argv)
