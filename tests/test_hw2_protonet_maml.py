@@ -66,7 +66,8 @@ def test_maml_compiled_query_pass_gives_the_same_meta_gradient():
 
 def test_maml_inner_loop_stays_float32_under_bf16_autocast():
     model = MAML(num_way=3, num_inner_steps=2, inner_lr=0.1, hidden_channels=4, seed=0)
-    support, support_labels = (t[0].float() if t.is_floating_point() else t[0] for t in tiny_episodes()[:2])
+    episodes = tiny_episodes()
+    support, support_labels = episodes.support_images[0].float(), episodes.support_labels[0]
     params = dict(model.meta_params)
     plain, plain_accs = model.inner_adapt(params, support, support_labels, 2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
