@@ -57,6 +57,17 @@ def list_checkpoints(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def refuse_existing_checkpoints(run_dir: Path, hint: str = "") -> None:
+    """Stop a fresh run (no ``--resume``) from writing over another run's checkpoints.
+
+    ``hint``: another way out the calling script offers, e.g. ``"--test to evaluate it"``.
+    """
+    if list_checkpoints(run_dir):
+        ways = ", ".join(filter(None, ["pass --resume to continue that run", hint]))
+        raise CS330Error(f"{run_dir} already holds checkpoints: {ways}, or choose another --log_dir / "
+                         "delete the folder to start a new run")
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int | None = None) -> Path:
     """Write ``state`` as the checkpoint of ``step``; optionally delete all but the newest ``keep_last``."""
     path = checkpoint_dir(run_dir) / f"step{step:07d}.pt"

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from common.checkpoint import (
     capture_rng_state,
     ensure_finite,
-    list_checkpoints,
     load_checkpoint,
+    refuse_existing_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
@@ -237,9 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     hparams = {"model": args.model, **run_hparams(args)}
     run_name = build_run_name(args.model, run_hparams(args))
     run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
-    if list_checkpoints(run_dir) and not args.resume:
-        raise CS330Error(f"{run_dir} already holds checkpoints: add --resume to continue that run, "
-                         "or choose another --log_dir / delete the folder to start over")
+    if not args.resume:
+        refuse_existing_checkpoints(run_dir)
 
     rated = None
     if args.implicit_from_test:

@@ -24,8 +24,8 @@ import torch
 from common.checkpoint import (
     capture_rng_state,
     ensure_finite,
-    list_checkpoints,
     load_checkpoint,
+    refuse_existing_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
@@ -138,9 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"test ({args.num_test_tasks} tasks, step {start_step}): query accuracy "
                   f"{result['acc']:.4f} +- {result['acc_ci95']:.4f}; by instance {result['acc_by_instance']}")
             return {"step": start_step, **{f"test_{k}": v for k, v in result.items()}}
-    elif list_checkpoints(run_dir):
-        raise CS330Error(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                         "or --log_dir to start a new one elsewhere")
+    else:
+        refuse_existing_checkpoints(run_dir, "--test to evaluate it")
 
     logger = RunLogger.for_homework(HOMEWORK, name, hparams, log_dir=str(run_dir), start_step=start_step,
                                     total_steps=args.train_steps, desc=name)

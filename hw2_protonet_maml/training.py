@@ -20,12 +20,12 @@ from common.checkpoint import (
     ensure_finite,
     list_checkpoints,
     load_checkpoint,
+    refuse_existing_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
 from common.cli import add_run_args, positive_int
 from common.device import resolve_device
-from common.errors import CS330Error
 from common.omniglot import PROTOCOLS, EpisodeSampler, OmniglotStore
 from common.runlog import RunLogger, build_run_name, runs_root, write_json
 from common.stats import mean_ci95
@@ -143,9 +143,8 @@ class MetaTrainer:
             train_sampler.load_state_dict(state["sampler"])
             restore_rng_state(state["rng"])
             start_step, elapsed, reached_target = state["step"], state["elapsed"], state.get("time_to_val_target")
-        elif list_checkpoints(run_dir):
-            raise CS330Error(f"{run_dir} already has checkpoints: pass --resume to continue that run, --test to "
-                             "evaluate it, or --log_dir to start a new run elsewhere")
+        elif not args.resume:
+            refuse_existing_checkpoints(run_dir, "--test to evaluate it")
         logger = RunLogger(run_dir, vars(args), start_step=start_step, total_steps=args.num_train_iterations,
                            desc=self.run_name)
         logger.write(f"run folder: {run_dir}" + (f" (resuming at step {start_step})" if start_step else ""))
