@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import pickle
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,19 +59,33 @@ def list_checkpoints(run_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def refuse_existing_checkpoints(run_dir: Path, hint: str = "") -> None:
-    """Stop a fresh run (no ``--resume``) from writing over another run's checkpoints.
-
-    ``hint``: another way out the calling script offers, e.g. ``"--test to evaluate it"``.
-    """
-    if list_checkpoints(run_dir):
-        ways = ", ".join(filter(None, ["pass --resume to continue that run", hint]))
-        raise CS330Error(f"{run_dir} already holds checkpoints: {ways}, or choose another --log_dir / "
-                         "delete the folder to start a new run")
+def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) checkpoint dict that hold NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix or "tensor"] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    if isinstance(state, dict):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [name for key, value in items for name in non_finite_tensors(value, f"{prefix}{key}.")]
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int | None = None) -> Path:
-    """Write ``state`` as the checkpoint of ``step``; optionally delete all but the newest ``keep_last``."""
+    """Write ``state`` as the checkpoint of ``step``; optionally delete all but the newest ``keep_last``.
+
+    A state holding NaN/inf is refused before anything is written: a poisoned checkpoint would make
+    the advised ``--resume`` fail the same way, and it would push the last good one out of ``keep_last``.
+    """
+    bad = non_finite_tensors(state.get("model", state))
+    if bad:
+        kept = list_checkpoints(run_dir)
+        where = f"the last good checkpoint (step {max(kept)}) is kept" if kept else "no checkpoint was written"
+        raise CS330Error(
+            f"the weights became non-finite by step {step} ({', '.join(b.rstrip('.') for b in bad[:3])}); "
+            f"{where}. Lower the learning rate or check the data, then rerun."
+        )
     path = checkpoint_dir(run_dir) / f"step{step:07d}.pt"
     atomic_save({"step": step, **state}, path)
     if keep_last is not None:
@@ -79,19 +95,38 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
     return path
 
 
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True``; a damaged file raises a CS330Error naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        if "Weights only load failed" in str(err):
+            raise  # not damage: a checkpoint holding objects we refuse to unpickle
+        raise CS330Error(f"checkpoint {path} is damaged ({str(err).splitlines()[0]}); delete it to use "
+                         "an earlier one") from None
+
+
 def load_checkpoint(run_dir: Path, step: int = -1, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load the checkpoint of ``step`` (``-1`` = the latest) with ``weights_only=True``."""
+    """Load the checkpoint of ``step`` with ``weights_only=True``. ``step=-1`` loads the latest
+    readable one: a damaged latest file (a kill mid-copy, a full disk) is named in a warning and
+    the one before it is used."""
     available = list_checkpoints(run_dir)
     if not available:
         raise CS330Error(
             f"no checkpoint in {checkpoint_dir(run_dir)}: train first (without --test), "
             "or point --log_dir at a run folder that has checkpoints/"
         )
-    if step == -1:
-        step = max(available)
-    if step not in available:
-        raise CS330Error(f"no checkpoint for step {step} in {run_dir}; available steps: {sorted(available)}")
-    return torch.load(available[step], map_location=map_location, weights_only=True)
+    if step != -1:
+        if step not in available:
+            raise CS330Error(f"no checkpoint for step {step} in {run_dir}; available steps: {sorted(available)}")
+        return _read_checkpoint(available[step], map_location)
+    for candidate in sorted(available, reverse=True):
+        try:
+            return _read_checkpoint(available[candidate], map_location)
+        except CS330Error as err:
+            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr)
+    raise CS330Error(f"every checkpoint in {checkpoint_dir(run_dir)} is damaged; delete the folder and "
+                     "train again")
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -1,31 +1,89 @@
-"""Flags every training script shares, defined once."""
+"""Flags every training script shares, and the validators every flag uses, defined once.
+
+Every number a flag takes goes through one of the validators below, so ``inf`` and ``nan`` are
+refused at parse time everywhere (``float("inf")`` parses, and an infinite learning rate would
+train on for a while before the first non-finite loss).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 
-from common.device import DEVICE_CHOICES
+from common.device import DEVICE_CHOICES, PRECISION_CHOICES
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
-def add_run_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed", seed_default: int = 0) -> None:
-    """``--device``, the seed flag, ``--log_dir``, ``--data_dir`` and ``--resume``."""
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A fraction in [0, 1] (an accuracy threshold, a share of the data)."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+# Flags that never change what a run computes: they may differ between a run and its --resume.
+RUN_ONLY_FLAGS = frozenset({"device", "resume", "test", "log_dir", "data_dir", "threads"})
+
+
+def add_run_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed", seed_default: int = 0,
+                 resume: bool = True) -> None:
+    """``--device``, ``--precision``, ``--threads``, the seed flag, ``--log_dir``, ``--data_dir``
+    and (for scripts that checkpoint) ``--resume``."""
     group = parser.add_argument_group("run")
     group.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                        help="where to train; auto picks CUDA when present, else MPS, else CPU (default: auto)")
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                       help="auto: bf16 autocast only where it is native and measured faster (CUDA with bf16, "
+                            "a CPU with AVX512_BF16 or AMX), fp32 elsewhere; one line says which and why "
+                            "(default: auto)")
+    group.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                       help="the same as --precision bf16")
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="CPU threads for torch (default: the cores this process may use)")
     group.add_argument(seed_flag, type=int, default=seed_default, help=f"random seed (default: {seed_default})")
     group.add_argument("--log_dir", default=None,
                        help="run folder for TensorBoard logs, checkpoints and results.json "
@@ -33,5 +91,8 @@ def add_run_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed", see
     group.add_argument("--data_dir", default=None,
                        help="data directory (default: $CS330_DATA_DIR or data/ at the repo root; "
                             "the read-only mirror $CS330_DATA_MIRROR is searched next)")
-    group.add_argument("--resume", action="store_true",
-                       help="continue the run in --log_dir (or the default run folder) from its latest checkpoint")
+    if resume:
+        group.add_argument("--resume", action="store_true",
+                           help="continue the run in --log_dir (or the default run folder) from its latest "
+                                "checkpoint; with no checkpoint there, start it fresh. Every flag must equal the "
+                                "run's, except the run length, intervals, device and threads")

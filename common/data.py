@@ -90,9 +90,41 @@ def file_md5(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: one that another process has
+    written into since is kept, and so are its parents."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def download(url: str, dest: Path, md5: str | None = None, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` atomically, verifying ``md5`` before the file appears."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Download ``url`` to ``dest`` atomically, verifying ``md5`` before the file appears. A failed
+    download leaves nothing behind: no partial file, and no empty folders made for it."""
+    created = _missing_folders(dest.parent)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return _download_to(url, dest, md5, timeout)
+    except BaseException:  # KeyboardInterrupt too: an interrupted download is a failed one
+        _remove_empty(created)
+        raise
+
+
+def _download_to(url: str, dest: Path, md5: str | None, timeout: float) -> Path:
+    # A fresh, uniquely named temporary file (mkstemp, O_EXCL): a ``.part`` left by a killed run is
+    # never appended to or mistaken for the file, which only appears by rename after the md5 check.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     digest = hashlib.md5()

@@ -1,12 +1,16 @@
-"""Resolve the ``--device`` flag in one place."""
+"""Resolve ``--device``, ``--precision`` and ``--threads`` in one place."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
 from common.errors import CS330Error
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -24,3 +28,83 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise CS330Error(f"--device {name!r}: choose one of {', '.join(DEVICE_CHOICES)}.")
     return torch.device(name)
+
+
+def cpu_capability() -> str:
+    """What the CPU offers PyTorch's kernels: the dispatch level (``AVX2``, ``AVX512``, ...) plus
+    ``+BF16`` / ``+AMX`` when the processor has native bf16 instructions. Printed with every bench figure."""
+    level = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    extras = [name for name, flag in (("BF16", "avx512_bf16"), ("AMX", "amx_bf16")) if flag in flags]
+    return "+".join([level, *extras])
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():  # not Linux: no flags known, so no native bf16 is assumed
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_precision(requested: str, device: torch.device, fp32_because: str | None = None) -> tuple[str, str]:
+    """``(precision, reason)`` for ``--precision auto|fp32|bf16``.
+
+    ``auto`` picks bf16 only where it is native: CUDA with bf16 support, or a CPU with AVX512_BF16
+    or AMX. Without native bf16 a CPU emulates it and bf16 autocast is several times slower than
+    fp32 (a 3x3 conv forward+backward was measured 15x slower on an AVX2 CPU; see the hw2 README).
+    ``fp32_because``: a script whose model was not measured faster (or as accurate) in bf16 passes
+    the reason, and ``auto`` means fp32 there.
+    """
+    if requested not in PRECISION_CHOICES:
+        raise CS330Error(f"--precision {requested!r}: choose one of {', '.join(PRECISION_CHOICES)}")
+    if requested != "auto":
+        return requested, "as requested"
+    if fp32_because:
+        return "fp32", fp32_because
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} supports bf16 natively"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no native bf16"
+    if device.type == "cpu":
+        capability = cpu_capability()
+        if "BF16" in capability or "AMX" in capability:
+            return "bf16", f"CPU capability {capability}: native bf16"
+        return "fp32", f"CPU capability {capability}: no native bf16, where bf16 is emulated and slower"
+    return "fp32", f"no bf16 autocast measured on {device.type}"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast when ``precision == "bf16"``, a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and ``taskset`` set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads: ``threads``, else ``$OMP_NUM_THREADS``, else the usable cores.
+    More threads than cores makes OpenMP workers spin against each other."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def setup_compute(device: str, precision: str, threads: int | None,
+                  fp32_because: str | None = None) -> tuple[torch.device, str]:
+    """The three run flags every script has: set the threads, resolve the device and the precision,
+    and print the one line that says which precision and why. Returns ``(device, precision)``."""
+    configure_threads(threads)
+    resolved = resolve_device(device)
+    chosen, why = resolve_precision(precision, resolved, fp32_because)
+    print(f"precision: {chosen} ({why})", flush=True)
+    return resolved, chosen

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
+import sys
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,7 +37,15 @@ OMNIGLOT_ARCHIVES = (
                "6b91aef0f799c5bb55b94e3f2daec811"),
 )
 NUM_DRAWINGS = 20
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the cache carries a checksum of its own contents
+
+# What a truncated or corrupted zip raises while it is read and decoded: zipfile (no central
+# directory, bad CRC-32), zlib and EOFError (deflate data cut short), PIL (OSError for truncated
+# or unidentified images, SyntaxError for broken PNG chunks, ValueError for bad image data).
+_DAMAGED_ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, SyntaxError, ValueError)
+# What torch.load raises on a cache cut short or overwritten: a bad zip directory (RuntimeError),
+# a failed seek past the end (OSError), an empty file (EOFError), mangled pickle bytes.
+_UNREADABLE_CACHE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)
 
 # Split sizes in characters (the standard store has 1623). CS330: 1100/100/423 as in the course.
 # Vinyals et al. (used by the MAML and ProtoNet papers): 1200 training characters (1028 train +
@@ -74,20 +85,94 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
     return 255 - np.asarray(image, dtype=np.uint8)
 
 
+def _decode_archive(path: Path, image_size: int) -> tuple[list[np.ndarray], list[str]]:
+    """The ``[20, S, S]`` drawings and the name of each character in one zip."""
+    blocks, characters = [], []
+    with zipfile.ZipFile(path) as archive:
+        members = character_members(archive)
+        bar = tqdm(members.items(), desc=f"decode {path.name}", unit="char", leave=False)
+        for char, files in bar:
+            if len(files) != NUM_DRAWINGS:
+                raise CS330Error(f"{path}: character {char} has {len(files)} drawings, expected {NUM_DRAWINGS}")
+            blocks.append(np.stack([decode_image(archive.read(f), image_size) for f in files]))
+            characters.append(char)
+    return blocks, characters
+
+
 def _decode_archives(paths: list[Path], image_size: int) -> tuple[np.ndarray, list[str]]:
     characters, blocks = [], []
     for path in paths:
-        with zipfile.ZipFile(path) as archive:
-            members = character_members(archive)
-            bar = tqdm(members.items(), desc=f"decode {path.name}", unit="char", leave=False)
-            for char, files in bar:
-                if len(files) != NUM_DRAWINGS:
-                    raise CS330Error(f"{path}: character {char} has {len(files)} drawings, expected {NUM_DRAWINGS}")
-                blocks.append(np.stack([decode_image(archive.read(f), image_size) for f in files]))
-                characters.append(char)
+        try:
+            archive_blocks, archive_characters = _decode_archive(path, image_size)
+        except _DAMAGED_ARCHIVE_ERRORS as err:
+            raise CS330Error(
+                f"cannot read {path}: {_reason(err)}. The file is truncated or corrupted: delete it and run "
+                f"again to download a fresh copy, or point --data_dir or CS330_DATA_MIRROR at a folder holding "
+                f"a good omniglot/{path.name}"
+            ) from err
+        blocks += archive_blocks
+        characters += archive_characters
     if not characters:
         raise CS330Error(f"no Omniglot PNGs found in {', '.join(map(str, paths))}")
     return np.stack(blocks), characters
+
+
+def _reason(err: BaseException) -> str:
+    """A one-line reason for ``err`` (some torch and pickle messages span many lines)."""
+    text = getattr(err, "strerror", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _checksum(images: torch.Tensor, characters: list[str]) -> str:
+    """Digest of the cache contents: a disk error or a partial overwrite inside the tensor data
+    leaves a file torch.load reads without complaint (it does not check the zip's CRCs)."""
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(f"{tuple(images.shape)} {images.dtype}\0".encode())
+    digest.update(images.contiguous().numpy().data)
+    digest.update("\0".join(characters).encode())
+    return digest.hexdigest()
+
+
+def _intact(cached: dict[str, Any]) -> bool:
+    images, characters = cached.get("images"), cached.get("characters")
+    return (
+        isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+        and isinstance(characters, list) and all(isinstance(c, str) for c in characters)
+        and cached.get("checksum") == _checksum(images, characters)
+    )
+
+
+def _read_cache(cache: Path, key: str) -> tuple[torch.Tensor, list[str]] | None:
+    """The cached images and characters, or None when the cache is missing, stale (other archives,
+    size or version: rebuilt silently) or damaged (rebuilt with a warning, never used)."""
+    if not cache.exists():
+        return None
+    try:
+        cached = torch.load(cache, weights_only=True)
+    except _UNREADABLE_CACHE_ERRORS as err:
+        _warn(f"Omniglot cache {cache} is unreadable ({_reason(err)}); rebuilding from the zips")
+        return None
+    if isinstance(cached, dict) and cached.get("key") != key:
+        return None  # other archives, image size or cache version: expected, rebuilt silently
+    if not isinstance(cached, dict) or not _intact(cached):
+        _warn(f"Omniglot cache {cache} failed its checksum; rebuilding from the zips")
+        return None
+    return cached["images"], list(cached["characters"])
+
+
+def _write_cache(cache: Path, key: str, images: torch.Tensor, characters: list[str]) -> None:
+    """Save the cache; a data directory that cannot be written (read-only mount, full disk) only
+    costs the next run a decode, so it is a warning, not an error."""
+    payload = {"key": key, "images": images, "characters": characters, "checksum": _checksum(images, characters)}
+    try:
+        atomic_save(payload, cache)
+    except OSError as err:
+        _warn(f"cannot write the Omniglot cache to {cache} ({_reason(err)}); running from memory, "
+              "the next run decodes the zips again")
 
 
 @dataclass
@@ -99,19 +184,18 @@ class OmniglotStore:
 
     @classmethod
     def load(cls, data_dir: str | Path | None = None, image_size: int = 28) -> OmniglotStore:
-        """Load the cached store, (re)building it when missing or when the source zips changed."""
+        """Load the cached store, (re)building it when missing, damaged or when the source zips changed."""
         if image_size <= 0:
             raise CS330Error(f"image_size must be positive, got {image_size}")
         archives = [fetch(remote, data_dir) for remote in OMNIGLOT_ARCHIVES]
         key = f"v{_CACHE_VERSION}-{image_size}-{_sha256(archives)}"
         cache = data_root(data_dir) / "omniglot" / f"omniglot_{image_size}px.pt"
-        if cache.exists():
-            cached = torch.load(cache, weights_only=True)
-            if cached.get("key") == key:
-                return cls(cached["images"], list(cached["characters"]))
+        cached = _read_cache(cache, key)
+        if cached is not None:
+            return cls(*cached)
         images, characters = _decode_archives(archives, image_size)
         store = cls(torch.from_numpy(images), characters)
-        atomic_save({"key": key, "images": store.images, "characters": characters}, cache)
+        _write_cache(cache, key, store.images, characters)
         return store
 
     def __len__(self) -> int:

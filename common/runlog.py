@@ -32,13 +32,13 @@ def build_run_name(prefix: str, parts: Mapping[str, Any]) -> str:
     return _UNSAFE.sub("-", "_".join(tokens))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return str(value)
 
 
@@ -47,7 +47,7 @@ def write_json(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -69,7 +69,7 @@ class RunLogger:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.hparams = {k: _jsonable(v) for k, v in hparams.items()}
+        self.hparams = {k: jsonable(v) for k, v in hparams.items()}
         write_json(self.run_dir / "hparams.json", self.hparams)
         self.writer = (
             SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if start_step > 0 else None)

@@ -1,4 +1,5 @@
-"""MAML on Omniglot (second order by default), with optional learned per-parameter inner rates.
+"""MAML (Finn et al. 2017) on Omniglot, in one file: the meta-loss written plainly, the functional
+network, the fast MAML module (same meta-gradient), its flags and ``main()``.
 
     python hw2_protonet_maml/maml.py --num_way 5 --num_support 1 --inner_lr 0.4 --num_inner_steps 1
     python hw2_protonet_maml/maml.py --learn_inner_lrs                  # learned inner rates, started at 0.4
@@ -9,67 +10,223 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
 
-from common.cli import positive_int
+from common.device import setup_compute
 from common.errors import cli_main
+from common.omniglot import Episodes
+from common.runlog import build_run_name
 from common.seeding import seed_everything
-from hw2_protonet_maml.algorithms import MAML
-from hw2_protonet_maml.training import MetaTrainer, add_episode_args, check_episode_args
+from hw2_protonet_maml.training import (
+    MetaTrainer,
+    TrainSettings,
+    accuracy,
+    add_episode_args,
+    add_inner_loop_args,
+    check_drawings,
+    check_inner_loop_args,
+    inner_loop_run_params,
+)
+
+
+# ---------------------------------------------------------------------------- the meta-loss, plainly
+def reference_maml_loss(maml: MAML, episodes: Episodes, num_inner_steps: int | None = None) -> torch.Tensor:
+    """MAML's meta-loss as the paper writes it: for each task, a few gradient steps on its support
+    set (keeping the graph, so ``backward()`` differentiates through them: second order), then the
+    loss of the adapted weights on its query set; averaged over tasks. :class:`MAML` computes the
+    same value faster; the tests check the two meta-gradients agree."""
+    steps = maml.num_inner_steps if num_inner_steps is None else num_inner_steps
+    names = list(maml.meta_params)
+    support, support_labels, query, query_labels = episodes  # [B, N*K, 1, S, S], [B, N*K], [B, N*Q, ...]
+    total = 0.0
+    for b in range(support.shape[0]):
+        params = dict(maml.meta_params)
+        for _ in range(steps):
+            inner_loss = F.cross_entropy(maml_forward(params, support[b], maml.conv_stride), support_labels[b])
+            grads = torch.autograd.grad(inner_loss, [params[k] for k in names], create_graph=not maml.first_order)
+            params = {k: params[k] - maml.inner_lrs[k] * g for k, g in zip(names, grads)}
+        total = total + F.cross_entropy(maml_forward(params, query[b], maml.conv_stride), query_labels[b])
+    return total / support.shape[0]
+
+
+# ---------------------------------------------------------------------------- the functional network
+NUM_CONV_LAYERS = 4
+
+
+def init_maml_params(num_way: int, in_channels: int = 1, hidden_channels: int = 64,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The course network's meta-parameters: four 3x3 convs and a linear head; Xavier-uniform
+    weights, zero biases. A plain dict of tensors, so the inner loop can make adapted copies
+    without touching any module state."""
+    params: dict[str, torch.Tensor] = {}
+    for i in range(NUM_CONV_LAYERS):
+        c_in = in_channels if i == 0 else hidden_channels
+        params[f"conv{i}"] = _xavier((hidden_channels, c_in, 3, 3), generator)
+        params[f"b{i}"] = torch.zeros(hidden_channels)
+    params["w_head"] = _xavier((num_way, hidden_channels), generator)
+    params["b_head"] = torch.zeros(num_way)
+    return params
+
+
+def _xavier(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    receptive = math.prod(shape[2:])
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def maml_forward(params: dict[str, torch.Tensor], images: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """``[M, 1, S, S]`` -> logits ``[M, N]``: 4 x [conv 3x3, batch norm, ReLU], spatial mean, linear head.
+
+    Batch norm always uses the statistics of the images passed in (no running statistics), as in
+    the course and the MAML paper: the support and query sets are normalized separately.
+    ``stride=2`` is the paper's strided network, about 4x cheaper than the course's ``stride=1``.
+    """
+    x = images
+    for i in range(NUM_CONV_LAYERS):
+        x = F.conv2d(x, params[f"conv{i}"], params[f"b{i}"], stride=stride, padding=1)
+        x = F.batch_norm(x, None, None, training=True)
+        x = F.relu(x)
+    x = x.mean(dim=(2, 3))  # [M, C]
+    return F.linear(x, params["w_head"], params["b_head"])
+
+
+# ---------------------------------------------------------------------------- the fast module
+class MAML(nn.Module):
+    """MAML as a meta-learner (see ``training.MetaLearner``): the loss of :func:`reference_maml_loss`,
+    with the support-set accuracies before and after adaptation as metrics.
+
+    Fast without changing the maths (the tests compare meta-gradients with the plain loop):
+    - the inner loop is ``torch.func.grad`` on the functional network, always in float32, even under
+      bf16 autocast, because bf16 there is amplified by the second-order term;
+    - tasks run in a loop by default; ``vmap_tasks`` vmaps the per-task computation over the meta-batch
+      (one grouped convolution for all tasks);
+    - ``compile_query`` runs the query pass (75 of the 80 images a task sees, and the part needing only
+      a first-order backward) through ``torch.compile``, which cannot compile the inner loop's double
+      backward;
+    - under ``--precision bf16`` only the query pass runs in bf16.
+    Which of these pays off on which machine is measured by ``bench.py`` (tables in the README).
+    ``first_order=True`` detaches the inner gradients (FOMAML). ``learn_inner_lrs``: one learned
+    inner rate per parameter tensor (Meta-SGD-style, per tensor).
+    """
+
+    per_task_eval = False  # batch-norm statistics are per task already
+
+    def __init__(self, num_way: int, num_inner_steps: int = 1, inner_lr: float = 0.4,
+                 learn_inner_lrs: bool = False, first_order: bool = False, hidden_channels: int = 64,
+                 conv_stride: int = 1, seed: int = 0, vmap_tasks: bool = False,
+                 compile_query: bool = False, eval_num_inner_steps: int | None = None) -> None:
+        super().__init__()
+        if compile_query and vmap_tasks:
+            raise ValueError("compile_query applies to the per-task loop; it cannot be combined with vmap_tasks")
+        init = init_maml_params(num_way, hidden_channels=hidden_channels,
+                                generator=torch.Generator().manual_seed(seed))
+        self.meta_params = nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()})
+        # One rate per parameter tensor; frozen at inner_lr unless learn_inner_lrs.
+        self.inner_lrs = nn.ParameterDict(
+            {k: nn.Parameter(torch.tensor(inner_lr), requires_grad=learn_inner_lrs) for k in init})
+        self.num_way = num_way
+        self.num_inner_steps = num_inner_steps
+        self.eval_num_inner_steps = eval_num_inner_steps or num_inner_steps
+        self.first_order = first_order
+        self.conv_stride = conv_stride
+        self.vmap_tasks = vmap_tasks
+        # dynamic=False: a new shape (another K or Q at test) recompiles once.
+        self.query_forward = torch.compile(maml_forward, dynamic=False) if compile_query else maml_forward
+
+    def inner_adapt(self, params: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
+                    num_steps: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``num_steps`` gradient steps on one task's support set, in float32.
+
+        Returns the adapted parameters and the support accuracy before each step and after the
+        last one, ``[num_steps + 1]``.
+        """
+        def support_loss(p):
+            logits = maml_forward(p, images, self.conv_stride)
+            return F.cross_entropy(logits, labels), logits
+
+        accuracies = []
+        with torch.autocast(images.device.type, enabled=False):
+            for _ in range(num_steps):
+                grads, logits = grad(support_loss, has_aux=True)(params)
+                accuracies.append(accuracy(logits, labels))
+                if self.first_order:
+                    grads = {k: g.detach() for k, g in grads.items()}
+                params = {k: p - self.inner_lrs[k] * grads[k] for k, p in params.items()}
+            with torch.no_grad():  # a metric only
+                accuracies.append(accuracy(maml_forward(params, images, self.conv_stride), labels))
+        return params, torch.stack(accuracies)
+
+    def task_loss(self, params: dict[str, torch.Tensor], support: torch.Tensor, support_labels: torch.Tensor,
+                  query: torch.Tensor, query_labels: torch.Tensor, num_steps: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One task: adapt on the support set, score on the query set -> (loss, support accs, query acc)."""
+        adapted, support_accs = self.inner_adapt(params, support, support_labels, num_steps)
+        logits = self.query_forward(adapted, query, self.conv_stride).float()
+        return F.cross_entropy(logits, query_labels), support_accs, accuracy(logits, query_labels)
+
+    def forward(self, episodes: Episodes, num_inner_steps: int | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if num_inner_steps is None:
+            num_inner_steps = self.num_inner_steps if self.training else self.eval_num_inner_steps
+        params = dict(self.meta_params)
+        if self.vmap_tasks:  # dim 0 of every episode tensor is the task; the meta-parameters are shared
+            task_losses, support_accs, query_accs = vmap(
+                self.task_loss, in_dims=(None, 0, 0, 0, 0, None))(params, *episodes, num_inner_steps)
+        else:
+            per_task = [self.task_loss(params, *(t[b] for t in episodes), num_inner_steps)
+                        for b in range(episodes.support_images.shape[0])]
+            task_losses, support_accs, query_accs = (torch.stack(values) for values in zip(*per_task))
+        loss = task_losses.mean()
+        support_accs = support_accs.detach()  # [B, steps + 1]
+        return loss, {"loss": loss.detach(), "support_acc_pre": support_accs[:, 0],
+                      "support_acc_post": support_accs[:, -1], "query_acc": query_accs.detach()}
+
+
+# ---------------------------------------------------------------------------- script
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_episode_args(parser, num_support=1, num_train_iterations=15000)
+    model = add_inner_loop_args(parser, "maml")
+    model.add_argument("--vmap_tasks", action="store_true",
+                       help="vmap the per-task computation over the meta-batch instead of looping over tasks "
+                            "(slower on a 2-core CPU, see bench.py; may pay off on a GPU)")
+    model.add_argument("--compile_query", action="store_true",
+                       help="torch.compile the query pass (same maths; a ~20 s compile first; not with "
+                            "--vmap_tasks)")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_episode_args(parser, num_support=1, num_train_iterations=15000)
-    model = parser.add_argument_group("maml")
-    model.add_argument("--num_inner_steps", type=positive_int, default=1, help="inner gradient steps (default: 1)")
-    model.add_argument("--inner_lr", type=float, default=0.4, help="inner learning rate (default: 0.4)")
-    model.add_argument("--learn_inner_lrs", action="store_true",
-                       help="learn one inner rate per parameter tensor with the outer optimizer")
-    model.add_argument("--outer_lr", type=float, default=1e-3, help="Adam meta learning rate (default: 1e-3)")
-    model.add_argument("--first_order", action="store_true",
-                       help="first-order MAML: do not differentiate through the inner gradients")
-    model.add_argument("--eval_num_inner_steps", type=positive_int, default=None,
-                       help="inner steps at validation/test (default: --num_inner_steps)")
-    model.add_argument("--num_filters", type=positive_int, default=64, help="conv channels (default: 64)")
-    model.add_argument("--conv_stride", type=int, choices=(1, 2), default=1,
-                       help="1 = the course network (full 28x28 resolution in every layer); 2 = the strided "
-                            "network of the MAML paper, about 4x cheaper (default: 1)")
-    model.add_argument("--vmap_tasks", action="store_true",
-                       help="vmap the per-task computation over the meta-batch instead of looping over tasks "
-                            "(measured 2x slower on a 2-core CPU; may pay off on a GPU)")
-    model.add_argument("--compile_query", action="store_true",
-                       help="torch.compile the query pass (same maths, ~1.1x faster per iteration on a 2-core "
-                            "CPU after a ~20 s compile; not with --vmap_tasks). With --bf16 only the query pass "
-                            "runs in bf16, the inner loop stays fp32")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    check_episode_args(parser, args)
-    for flag in ("inner_lr", "outer_lr"):
-        if not getattr(args, flag) > 0:
-            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.test_num_way != args.num_way:
-        parser.error(f"--test_num_way {args.test_num_way} differs from --num_way {args.num_way}: the MAML "
-                     "network's output layer has exactly --num_way classes")
+    check_drawings(parser, args)
+    check_inner_loop_args(parser, args)
     if args.compile_query and args.vmap_tasks:
         parser.error("--compile_query compiles the per-task loop's query pass; drop it or --vmap_tasks")
-    args.eval_num_inner_steps = args.eval_num_inner_steps or args.num_inner_steps
     return args
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    seed_everything(args.seed)  # before the model is built: its initial weights depend on the seed
+    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=(
+        "MAML's bf16 query pass was measured 1.5x faster but about one point less accurate at equal "
+        "iterations (README); ask for it with --precision bf16"))
+    run_name = build_run_name("maml", inner_loop_run_params(args, precision))
+    settings = TrainSettings.from_args(args, device, precision, run_name)
+    seed_everything(args.seed)
     model = MAML(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.first_order,
                  args.num_filters, args.conv_stride, seed=args.seed, vmap_tasks=args.vmap_tasks,
-                 compile_query=args.compile_query)
-    model.eval_num_inner_steps = args.eval_num_inner_steps
-    run_params = {"way": args.num_way, "shot": args.num_support, "query": args.num_query,
-                  "batch": args.batch_size, "steps": args.num_inner_steps, "ilr": args.inner_lr,
-                  "learnilr": int(args.learn_inner_lrs), "olr": args.outer_lr, "fo": int(args.first_order),
-                  "filt": args.num_filters, "stride": args.conv_stride, "bf16": int(args.bf16)}
-    MetaTrainer(args, model, "maml", run_params, lambda m: torch.optim.Adam(m.parameters(), lr=args.outer_lr)).run()
+                 compile_query=args.compile_query, eval_num_inner_steps=args.eval_num_inner_steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
+    trainer = MetaTrainer(model, optimizer, settings, hparams={**vars(args), "precision": precision})
+    trainer.run(test_only=args.test, checkpoint_step=args.checkpoint_step)
 
 
 if __name__ == "__main__":

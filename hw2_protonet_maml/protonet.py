@@ -1,4 +1,5 @@
-"""Prototypical networks on Omniglot.
+"""Prototypical networks (Snell et al. 2017) on Omniglot, in one file: the embedding network,
+``proto_logits``, the ProtoNet module, its flags and ``main()``.
 
     python hw2_protonet_maml/protonet.py --num_way 5 --num_support 1
     python hw2_protonet_maml/protonet.py --num_way 5 --num_support 1 --test   # evaluate the latest checkpoint
@@ -10,49 +11,132 @@ from __future__ import annotations
 import argparse
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from common.cli import positive_float, positive_int
+from common.device import setup_compute
 from common.errors import cli_main
+from common.omniglot import Episodes
+from common.runlog import build_run_name
 from common.seeding import seed_everything
-from hw2_protonet_maml.algorithms import ProtoNet
-from hw2_protonet_maml.training import MetaTrainer, add_episode_args, check_episode_args
+from hw2_protonet_maml.training import (
+    MetaTrainer,
+    TrainSettings,
+    accuracy,
+    add_episode_args,
+    check_drawings,
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def proto_logits(support_emb: torch.Tensor, support_labels: torch.Tensor, query_emb: torch.Tensor,
+                 num_way: int) -> torch.Tensor:
+    """Negative squared Euclidean distances from each query to each class prototype.
+
+    Shapes: support ``[B, N*K, D]``, labels ``[B, N*K]``, query ``[B, M, D]`` -> logits ``[B, M, N]``.
+    The prototype of class n is the mean of its support embeddings (computed with a one-hot
+    matrix product, so support sets need not be sorted by class).
+    """
+    one_hot = F.one_hot(support_labels, num_way).to(support_emb.dtype)  # [B, N*K, N]
+    prototypes = one_hot.transpose(1, 2) @ support_emb / one_hot.sum(1).unsqueeze(-1)  # [B, N, D]
+    return -torch.cdist(query_emb, prototypes).pow(2)
+
+
+class ProtoNetEmbedding(nn.Module):
+    """Four conv(3x3, 64) -> batch norm -> ReLU -> max-pool(2) blocks: a 28x28 image becomes a 64-d
+    vector (28 -> 14 -> 7 -> 3 -> 1)."""
+
+    def __init__(self, in_channels: int = 1, hidden_channels: int = 64, num_layers: int = 4) -> None:
+        super().__init__()
+        blocks = []
+        for i in range(num_layers):
+            blocks += [
+                nn.Conv2d(in_channels if i == 0 else hidden_channels, hidden_channels, 3, padding=1),
+                nn.BatchNorm2d(hidden_channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+        self.layers = nn.Sequential(*blocks, nn.Flatten())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[M, 1, S, S]`` -> ``[M, D]``."""
+        return self.layers(images)
+
+
+class ProtoNet(nn.Module):
+    """The meta-learner (see ``training.MetaLearner``): embed support and query images, classify each
+    query by its distance to the class means of the support embeddings.
+
+    ``eval_bn``: ``"batch"`` normalizes with the statistics of the images at hand (transductive,
+    as the course code did, because it never switched the network to eval mode); ``"running"``
+    uses the running statistics gathered during training (inductive: one query image's
+    prediction does not depend on the others).
+    """
+
+    def __init__(self, hidden_channels: int = 64, eval_bn: str = "batch") -> None:
+        super().__init__()
+        self.embedding = ProtoNetEmbedding(hidden_channels=hidden_channels)
+        self.eval_bn = eval_bn
+        # With batch statistics, evaluation runs one task per forward so tasks never mix.
+        self.per_task_eval = eval_bn == "batch"
+
+    def forward(self, episodes: Episodes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Query loss and per-task metrics (``[B]`` tensors) of a meta-batch."""
+        support, support_labels, query, query_labels = episodes
+        batch, num_support = support.shape[:2]
+        num_way = int(support_labels.max()) + 1
+        self.embedding.train(self.training or self.eval_bn == "batch")
+        # One pass over every image of every task: during training the batch-norm statistics
+        # then come from the whole meta-batch.
+        images = torch.cat([support.flatten(0, 1), query.flatten(0, 1)])  # [B*(NK+NQ), 1, S, S]
+        emb = self.embedding(images).float()  # distances in fp32 even under bf16 autocast
+        support_emb = emb[: batch * num_support].view(batch, num_support, -1)  # [B, N*K, D]
+        query_emb = emb[batch * num_support:].view(batch, query.shape[1], -1)  # [B, N*Q, D]
+        logits = proto_logits(support_emb, support_labels, query_emb, num_way)  # [B, N*Q, N]
+        loss = F.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
+        with torch.no_grad():
+            support_acc = accuracy(proto_logits(support_emb, support_labels, support_emb, num_way), support_labels)
+            query_acc = accuracy(logits, query_labels)
+        return loss, {"loss": loss.detach(), "support_acc": support_acc, "query_acc": query_acc}
+
+
+# ---------------------------------------------------------------------------- script
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_episode_args(parser, num_support=5, num_train_iterations=5000)
     model = parser.add_argument_group("protonet")
-    model.add_argument("--learning_rate", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    model.add_argument("--train_num_way", type=int, default=None,
-                       help="N at training, e.g. 20 or 60 for the ProtoNet paper's higher-way training "
-                            "(default: --num_way)")
+    model.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    model.add_argument("--train_num_way", type=positive_int, default=None,
+                       help="N of training and validation tasks, e.g. 20 or 60 for the ProtoNet paper's "
+                            "higher-way training (default: --num_way)")
     model.add_argument("--eval_bn", choices=("batch", "running"), default="batch",
                        help="batch-norm statistics at evaluation: 'batch' = statistics of each test task's "
                             "images (transductive, as the course code), 'running' = training running averages "
                             "(default: batch)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    check_episode_args(parser, args)
-    if not args.learning_rate > 0:
-        parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
-    args.train_num_way = args.train_num_way or args.num_way
-    if args.train_num_way <= 0:
-        parser.error("--train_num_way must be positive")
+    check_drawings(parser, args)
     return args
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    device, precision = setup_compute(args.device, args.precision, args.threads)
+    train_way = args.train_num_way or args.num_way
+    run_name = build_run_name("protonet", {
+        "proto": args.protocol, "way": train_way, "shot": args.num_support, "query": args.num_query,
+        "batch": args.batch_size, "lr": args.learning_rate, "bn": args.eval_bn, "prec": precision, "seed": args.seed})
+    settings = TrainSettings.from_args(args, device, precision, run_name, train_num_way=train_way)
     seed_everything(args.seed)  # before the model is built: its initial weights depend on the seed
-    # Training (and validation) tasks may use more classes than test tasks (higher-way training);
-    # --test_num_way already defaults to the --num_way given on the command line.
-    args.num_way = args.train_num_way
     model = ProtoNet(eval_bn=args.eval_bn)
-    MetaTrainer(
-        args, model, "protonet",
-        {"way": args.train_num_way, "shot": args.num_support, "query": args.num_query, "batch": args.batch_size,
-         "lr": args.learning_rate, "bn": args.eval_bn, "bf16": int(args.bf16)},
-        lambda m: torch.optim.Adam(m.parameters(), lr=args.learning_rate),
-    ).run()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
+    trainer = MetaTrainer(model, optimizer, settings, hparams={**vars(args), "precision": precision})
+    trainer.run(test_only=args.test, checkpoint_step=args.checkpoint_step)
 
 
 if __name__ == "__main__":

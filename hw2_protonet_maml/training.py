@@ -1,43 +1,80 @@
-"""The meta-training loop, evaluation and flags shared by ``protonet.py`` and ``maml.py``.
+"""The meta-training loop shared by ``protonet.py``, ``maml.py`` and ``anil.py``.
 
-Any ``nn.Module`` whose ``forward(episodes)`` returns ``(loss, metrics)`` can be trained here:
-sample a meta-batch, step the optimizer, log, validate, checkpoint; then test on
-``--num_test_tasks`` tasks from the test characters with a 95% interval.
+A meta-learner is any ``nn.Module`` that follows :class:`MetaLearner`; :class:`MetaTrainer` samples
+meta-batches, steps the optimizer, logs, validates, checkpoints (through ``common.run``), then tests
+on ``num_test_tasks`` tasks from the test characters with a 95% interval.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from common.checkpoint import (
-    capture_rng_state,
-    ensure_finite,
-    list_checkpoints,
-    load_checkpoint,
-    refuse_existing_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
-from common.cli import add_run_args, positive_int
-from common.device import resolve_device
-from common.omniglot import PROTOCOLS, EpisodeSampler, OmniglotStore
-from common.runlog import RunLogger, build_run_name, runs_root, write_json
+from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from common.cli import add_run_args, positive_float, positive_int
+from common.device import autocast
+from common.errors import CS330Error
+from common.omniglot import NUM_DRAWINGS, PROTOCOLS, Episodes, EpisodeSampler, OmniglotStore
+from common.run import RunFolder
+from common.runlog import RunLogger, runs_root, write_json
 from common.stats import mean_ci95
 
 HOMEWORK = "hw2_protonet_maml"
 LOG_INTERVAL = 10
 VAL_TARGET = 0.98  # the wall time to first reach this validation accuracy is reported
 EVAL_SEED = 12345  # validation and test tasks are the same for every run and every model
+# Flags a --resume may change: the run length, intervals and what is evaluated at the end.
+RESUMABLE_FLAGS = ("num_train_iterations", "val_interval", "save_interval", "num_val_tasks", "num_test_tasks",
+                   "test_num_way", "test_num_support", "test_num_query", "checkpoint_step")
 
 
+class MetaLearner(Protocol):
+    """What :class:`MetaTrainer` needs of a meta-learner (an ``nn.Module``).
+
+    ``forward(episodes)`` takes a meta-batch of B tasks and returns ``(loss, metrics)``: ``loss`` is
+    the scalar meta-loss to minimise; ``metrics`` maps names to per-task ``[B]`` tensors and must hold
+    ``"loss"`` (the detached loss, logged) and ``"query_acc"`` (accuracy on each task's queries,
+    validated and tested); any other key (``"support_acc_pre"``...) is logged and averaged too.
+    ``per_task_eval``: True when the model's predictions for one task depend on the other tasks of
+    the batch (batch norm over the whole batch): evaluation then runs one task per forward.
+
+    A new meta-learner is one file::
+
+        class Baseline(nn.Module):
+            per_task_eval = False
+
+            def __init__(self, num_way: int) -> None:
+                super().__init__()
+                self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, num_way))
+
+            def forward(self, episodes: Episodes):
+                logits = self.net(episodes.query_images.flatten(0, 1)).view(*episodes.query_labels.shape, -1)
+                loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_labels.flatten())
+                return loss, {"loss": loss.detach(), "query_acc": accuracy(logits, episodes.query_labels)}
+
+        MetaTrainer(Baseline(5), torch.optim.Adam(...), settings, run_name, hparams).run()
+    """
+
+    per_task_eval: bool
+
+    def __call__(self, episodes: Episodes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy per task: logits ``[..., M, N]``, labels ``[..., M]`` -> ``[...]``."""
+    return (logits.argmax(-1) == labels).float().mean(-1)
+
+
+# ---------------------------------------------------------------------------- flags
 def add_episode_args(parser: argparse.ArgumentParser, num_support: int, num_train_iterations: int) -> None:
-    """The flags both scripts share (names and defaults of the course code, plus what a tool needs)."""
+    """The flags every hw2 script shares (names and defaults of the course code, plus what a tool needs)."""
     task = parser.add_argument_group("tasks")
     task.add_argument("--num_way", type=positive_int, default=5, help="classes per task (default: 5)")
     task.add_argument("--num_support", type=positive_int, default=num_support,
@@ -63,159 +100,232 @@ def add_episode_args(parser: argparse.ArgumentParser, num_support: int, num_trai
                       help="K at meta-test, e.g. more support data than at training (default: --num_support)")
     test.add_argument("--test_num_query", type=positive_int, default=None,
                       help="queries per class at meta-test (default: --num_query)")
-    speed = parser.add_argument_group("speed")
-    speed.add_argument("--bf16", action="store_true",
-                       help="bfloat16 autocast + channels-last convolutions: about 2x faster on CPUs with "
-                            "AVX-512 BF16 / AMX and on recent GPUs (see bench.py); MAML keeps its inner loop "
-                            "in fp32")
     add_run_args(parser)
 
 
-def check_episode_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fill meta-test defaults and refuse impossible tasks before any work."""
-    args.test_num_way = args.test_num_way or args.num_way
-    args.test_num_support = args.test_num_support or args.num_support
-    args.test_num_query = args.test_num_query or args.num_query
+def add_inner_loop_args(parser: argparse.ArgumentParser, name: str) -> argparse._ArgumentGroup:
+    """Flags of the gradient-based meta-learners (``maml.py``, ``anil.py``); returns their group."""
+    group = parser.add_argument_group(name)
+    group.add_argument("--num_inner_steps", type=positive_int, default=1, help="inner gradient steps (default: 1)")
+    group.add_argument("--inner_lr", type=positive_float, default=0.4, help="inner learning rate (default: 0.4)")
+    group.add_argument("--learn_inner_lrs", action="store_true",
+                       help="learn one inner rate per parameter tensor with the outer optimizer")
+    group.add_argument("--outer_lr", type=positive_float, default=1e-3, help="Adam meta learning rate (default: 1e-3)")
+    group.add_argument("--first_order", action="store_true",
+                       help="first-order: do not differentiate through the inner gradients")
+    group.add_argument("--eval_num_inner_steps", type=positive_int, default=None,
+                       help="inner steps at validation/test (default: --num_inner_steps)")
+    group.add_argument("--num_filters", type=positive_int, default=64, help="conv channels (default: 64)")
+    group.add_argument("--conv_stride", type=int, choices=(1, 2), default=1,
+                       help="1 = the course network (full 28x28 resolution in every layer); 2 = the strided "
+                            "network of the MAML paper, about 4x cheaper (default: 1)")
+    return group
+
+
+def check_inner_loop_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.test_num_way is not None and args.test_num_way != args.num_way:
+        parser.error(f"--test_num_way {args.test_num_way} differs from --num_way {args.num_way}: the network's "
+                     "output layer has exactly --num_way classes")
+
+
+def inner_loop_run_params(args: argparse.Namespace, precision: str) -> dict:
+    """The hyper-parameters that name a MAML/ANIL run folder."""
+    return {"proto": args.protocol, "way": args.num_way, "shot": args.num_support, "query": args.num_query,
+            "batch": args.batch_size, "steps": args.num_inner_steps, "ilr": args.inner_lr,
+            "learnilr": int(args.learn_inner_lrs), "olr": args.outer_lr, "fo": int(args.first_order),
+            "filt": args.num_filters, "stride": args.conv_stride, "prec": precision, "seed": args.seed}
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything :class:`MetaTrainer` reads, as explicit values (built once from the flags)."""
+
+    train_num_way: int  # N of training and validation tasks
+    num_support: int
+    num_query: int
+    batch_size: int
+    protocol: str
+    num_train_iterations: int
+    val_interval: int
+    num_val_tasks: int
+    save_interval: int
+    test_num_way: int
+    test_num_support: int
+    test_num_query: int
+    num_test_tasks: int
+    seed: int
+    device: torch.device
+    precision: str
+    data_dir: str | None
+    run_dir: Path
+    resume: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device, precision: str, run_name: str,
+                  train_num_way: int | None = None) -> TrainSettings:
+        """``run_name`` names the default run folder, ``runs/hw2_protonet_maml/<run_name>``."""
+        run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
+        return cls(
+            train_num_way=train_num_way or args.num_way, num_support=args.num_support, num_query=args.num_query,
+            batch_size=args.batch_size, protocol=args.protocol, num_train_iterations=args.num_train_iterations,
+            val_interval=args.val_interval, num_val_tasks=args.num_val_tasks, save_interval=args.save_interval,
+            test_num_way=args.test_num_way or args.num_way, test_num_support=args.test_num_support or args.num_support,
+            test_num_query=args.test_num_query or args.num_query, num_test_tasks=args.num_test_tasks,
+            seed=args.seed, device=device, precision=precision, data_dir=args.data_dir, run_dir=run_dir,
+            resume=args.resume)
+
+
+def check_drawings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse support + query sets that an Omniglot character (20 drawings) cannot fill."""
     for prefix, k, q in (("", args.num_support, args.num_query),
-                         ("test_", args.test_num_support, args.test_num_query)):
-        if k + q > 20:
+                         ("test_", args.test_num_support or args.num_support, args.test_num_query or args.num_query)):
+        if k + q > NUM_DRAWINGS:
             parser.error(f"--{prefix}num_support + --{prefix}num_query = {k + q}, but an Omniglot character has "
-                         "only 20 drawings")
+                         f"only {NUM_DRAWINGS} drawings")
 
 
+# ---------------------------------------------------------------------------- the loop
 class MetaTrainer:
-    """Owns the data, run folder, optimizer and loop for one run."""
+    """Owns the data, the run folder and the loop for one run of one meta-learner."""
 
-    def __init__(self, args: argparse.Namespace, model: nn.Module, run_prefix: str, run_params: dict,
-                 optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
-        self.args = args
-        self.device = resolve_device(args.device)
-        self.model = model.to(self.device)
-        if args.bf16:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
+                 hparams: dict) -> None:
+        self.settings = s = settings
+        self.model = model.to(s.device)
+        if s.precision == "bf16":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = optimizer_factory(self.model)
-        self.run_name = build_run_name(run_prefix, {"proto": args.protocol, **run_params, "seed": args.seed})
-        self.run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / self.run_name
-        self.store = OmniglotStore.load(args.data_dir)
+        self.optimizer = optimizer
+        self.hparams = hparams
+        self.store = OmniglotStore.load(s.data_dir)
         self._splits: dict[str, torch.Tensor] = {}
+        self._check_class_counts()
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+    def _check_class_counts(self) -> None:
+        """Every way flag against the classes of the split it samples, before any work."""
+        s = self.settings
+        needs = (("train", s.train_num_way, "--num_way (or --train_num_way)"),
+                 ("val", s.train_num_way, "--num_way (or --train_num_way), used for validation"),
+                 ("test", s.test_num_way, "--test_num_way"))
+        for split, way, flag in needs:
+            classes = len(self.split(split))
+            if way > classes:
+                raise CS330Error(f"{flag} = {way}, but the {s.protocol} {split} split has only {classes} classes; "
+                                 f"choose at most {classes}")
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in self._splits:  # built once: validation asks for a sampler every --val_interval
+            self._splits[name] = self.store.split(name, self.settings.protocol).to(self.settings.device)
+        return self._splits[name]
 
     def sampler(self, split: str, num_way: int, num_support: int, num_query: int, seed: int) -> EpisodeSampler:
-        if split not in self._splits:  # built once: validation asks for a sampler every --val_interval
-            self._splits[split] = self.store.split(split, self.args.protocol).to(self.device)
-        return EpisodeSampler(self._splits[split], num_way, num_support, num_query, self.device, seed)
+        return EpisodeSampler(self.split(split), num_way, num_support, num_query, self.settings.device, seed)
 
     def evaluate(self, split: str, num_tasks: int, num_way: int, num_support: int, num_query: int,
                  ) -> dict[str, list[float]]:
         """Per-task metrics on ``num_tasks`` fixed tasks (the same tasks for every model)."""
+        s = self.settings
         sampler = self.sampler(split, num_way, num_support, num_query, EVAL_SEED)
         self.model.eval()
         per_task: dict[str, list[float]] = {}
         with torch.no_grad():
-            done = 0
-            while done < num_tasks:
-                batch = min(self.args.batch_size, num_tasks - done)
-                episodes = sampler.sample(batch)
+            for done in range(0, num_tasks, s.batch_size):
+                episodes = sampler.sample(min(s.batch_size, num_tasks - done))
                 # A model that normalizes with batch statistics sees one task per forward, so
                 # the statistics (and its predictions) are per task, never mixed across tasks.
-                chunks = _split_tasks(episodes) if self.model.per_task_eval else [episodes]
+                chunks = split_tasks(episodes) if self.model.per_task_eval else [episodes]
                 for chunk in chunks:
-                    with self.autocast():
+                    with autocast(s.device, s.precision):
                         _, metrics = self.model(chunk)
                     metrics.pop("loss")
                     for key, value in metrics.items():
                         per_task.setdefault(key, []).extend(value.tolist())
-                done += batch
         self.model.train()
         return per_task
 
-    def train(self) -> Path:
-        args = self.args
-        run_dir = self.run_dir
+    def run(self, test_only: bool = False, checkpoint_step: int = -1) -> Path:
+        """What the script was asked for: evaluate a checkpoint (``test_only``) or train, then test."""
+        s = self.settings
+        if test_only:
+            state = load_checkpoint(s.run_dir, checkpoint_step, map_location=s.device)  # says so if none
+            with RunFolder.open(s.run_dir, self.hparams, resume=True, resumable=RESUMABLE_FLAGS):
+                self._test_checkpoint(state)
+        else:
+            with RunFolder.open(s.run_dir, self.hparams, resume=s.resume, resumable=RESUMABLE_FLAGS,
+                                test_hint="--test to evaluate it") as run:
+                self._train(run)
+        return s.run_dir
+
+    def _train(self, run: RunFolder) -> None:
+        s = self.settings
         start_step, elapsed, reached_target = 0, 0.0, None
-        train_sampler = self.sampler("train", args.num_way, args.num_support, args.num_query, args.seed)
-        if args.resume and list_checkpoints(run_dir):
-            state = load_checkpoint(run_dir, -1, map_location=self.device)
+        train_sampler = self.sampler("train", s.train_num_way, s.num_support, s.num_query, s.seed)
+        state = run.resume_state(map_location=s.device)
+        if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             train_sampler.load_state_dict(state["sampler"])
             restore_rng_state(state["rng"])
             start_step, elapsed, reached_target = state["step"], state["elapsed"], state.get("time_to_val_target")
-        elif not args.resume:
-            refuse_existing_checkpoints(run_dir, "--test to evaluate it")
-        logger = RunLogger(run_dir, vars(args), start_step=start_step, total_steps=args.num_train_iterations,
-                           desc=self.run_name)
-        logger.write(f"run folder: {run_dir}" + (f" (resuming at step {start_step})" if start_step else ""))
+        logger = run.logger(start_step=start_step, total_steps=s.num_train_iterations)
+        logger.write(f"run folder: {s.run_dir}" + (f" (resuming at step {start_step})" if start_step else ""))
         tic = time.perf_counter() - elapsed
-        for step in range(start_step + 1, args.num_train_iterations + 1):
-            with self.autocast():
-                loss, metrics = self.model(train_sampler.sample(args.batch_size))
+        for step in range(start_step + 1, s.num_train_iterations + 1):
+            with autocast(s.device, s.precision):
+                loss, metrics = self.model(train_sampler.sample(s.batch_size))
+            run.check_loss(loss.item(), step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            ensure_finite(loss.item(), step, run_dir)
             self.optimizer.step()
             if step % LOG_INTERVAL == 0:
                 means = {k: v.mean().item() for k, v in metrics.items()}
                 logger.log({f"train/{k}": v for k, v in means.items()}, step)
                 logger.advance(step, loss=means["loss"], acc=means["query_acc"])
-            if step % args.val_interval == 0 or step == args.num_train_iterations:
-                val = self.evaluate("val", args.num_val_tasks, args.num_way, args.num_support, args.num_query)
+            if step % s.val_interval == 0 or step == s.num_train_iterations:
+                val = self.evaluate("val", s.num_val_tasks, s.train_num_way, s.num_support, s.num_query)
                 val_means = {k: mean_ci95(v)[0] for k, v in val.items()}
                 logger.log({f"val/{k}": v for k, v in val_means.items()}, step)
                 logger.log({"time/wall_seconds": time.perf_counter() - tic}, step)
                 if reached_target is None and val_means["query_acc"] >= VAL_TARGET:
                     reached_target = time.perf_counter() - tic
-            if step % args.save_interval == 0 or step == args.num_train_iterations:
-                save_checkpoint(run_dir, step, {
+            if step % s.save_interval == 0 or step == s.num_train_iterations:
+                run.save(step, {
                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "sampler": train_sampler.state_dict(), "rng": capture_rng_state(),
                     "elapsed": time.perf_counter() - tic, "time_to_val_target": reached_target,
                 })
-        logger.advance(args.num_train_iterations)
+        logger.advance(s.num_train_iterations)
         results = self.test(logger)
         logger.finish({**results, "train_seconds": time.perf_counter() - tic,
                        f"seconds_to_val_acc_{VAL_TARGET}": reached_target})
         logger.close()
-        return run_dir
 
     def test(self, logger: RunLogger | None = None) -> dict[str, float]:
         """Mean query accuracy over the test tasks with its 95% interval."""
-        args = self.args
-        per_task = self.evaluate("test", args.num_test_tasks, args.test_num_way, args.test_num_support,
-                                 args.test_num_query)
+        s = self.settings
+        per_task = self.evaluate("test", s.num_test_tasks, s.test_num_way, s.test_num_support, s.test_num_query)
         mean, ci = mean_ci95(per_task["query_acc"])
-        results = {"test_accuracy": mean, "test_ci95": ci, "test_num_tasks": args.num_test_tasks,
-                   "test_num_way": args.test_num_way, "test_num_support": args.test_num_support,
-                   "test_num_query": args.test_num_query}
+        results = {"test_accuracy": mean, "test_ci95": ci, "test_num_tasks": s.num_test_tasks,
+                   "test_num_way": s.test_num_way, "test_num_support": s.test_num_support,
+                   "test_num_query": s.test_num_query}
         for key in ("support_acc_pre", "support_acc_post"):
             if key in per_task:
                 results[f"test_{key}"] = mean_ci95(per_task[key])[0]
-        message = (f"test accuracy ({args.test_num_way}-way {args.test_num_support}-shot, "
-                   f"{args.num_test_tasks} tasks): {100 * mean:.2f}% +- {100 * ci:.2f}% (95% interval)")
+        message = (f"test accuracy ({s.test_num_way}-way {s.test_num_support}-shot, "
+                   f"{s.num_test_tasks} tasks): {100 * mean:.2f}% +- {100 * ci:.2f}% (95% interval)")
         (logger.write if logger else print)(message)
         return results
 
-    def run(self) -> None:
-        """What the script was asked for: evaluate a checkpoint (``--test``) or train."""
-        if self.args.test:
-            self.run_test_only()
-        else:
-            self.train()
-
-    def run_test_only(self) -> None:
-        run_dir = self.run_dir
-        state = load_checkpoint(run_dir, self.args.checkpoint_step, map_location=self.device)
+    def _test_checkpoint(self, state: dict) -> None:
+        s = self.settings
         self.model.load_state_dict(state["model"])
         results = self.test()
-        name = (f"test_way{self.args.test_num_way}_shot{self.args.test_num_support}"
-                f"_query{self.args.test_num_query}_step{state['step']}.json")
-        write_json(run_dir / name, {"checkpoint_step": state["step"], **results})
-        print(f"wrote {run_dir / name}")
+        name = (f"test_way{s.test_num_way}_shot{s.test_num_support}"
+                f"_query{s.test_num_query}_step{state['step']}.json")
+        write_json(s.run_dir / name, {"checkpoint_step": state["step"], **results})
+        print(f"wrote {s.run_dir / name}")
 
 
-def _split_tasks(episodes):
-    """Yield each task of a meta-batch as a meta-batch of one (keeps the batch dimension)."""
+def split_tasks(episodes: Episodes) -> Iterator[Episodes]:
+    """Each task of a meta-batch as a meta-batch of one (keeps the batch dimension)."""
     for b in range(episodes.support_images.shape[0]):
-        yield type(episodes)(*(t[b:b + 1] for t in episodes))
+        yield Episodes(*(t[b:b + 1] for t in episodes))

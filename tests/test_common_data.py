@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import threading
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_checksum_mismatch_leaves_nothing(server, tmp_path):
     remote = RemoteFile("toy/toy.zip", f"{server}/toy.zip", "0" * 32)
     with pytest.raises(ChecksumError, match="expected 0000"):
         fetch(remote, tmp_path)
-    assert leftovers(tmp_path / "toy") == []
+    assert not (tmp_path / "toy").exists()  # neither a .part file nor the folder made for it
 
 
 def test_missing_file_error_lists_every_place(server, tmp_path, monkeypatch):
@@ -95,7 +96,7 @@ def test_missing_file_error_lists_every_place(server, tmp_path, monkeypatch):
     assert str(mirror / "toy" / "absent.zip") in message
     assert f"{server}/absent.zip" in message and "404" in message
     assert "To fix" in message
-    assert leftovers(tmp_path / "data") in ([], ["toy"])
+    assert not (tmp_path / "data").exists()  # no empty folders left by the failed download
 
 
 def test_lookup_order_data_dir_then_mirror(tmp_path, monkeypatch):
@@ -140,3 +141,38 @@ def test_fetch_extracted_downloads_and_extracts_into_data_dir(server, tmp_path, 
     (mirror / "other" / "u.data").write_text("mirror")
     assert fetch_extracted(RemoteFile("other.zip", "http://127.0.0.1:9/x"), "other", "u.data",
                            tmp_path / "data") == mirror / "other"
+
+
+def test_failed_download_removes_only_the_folders_it_made(server, tmp_path):
+    (tmp_path / "data" / "kept").mkdir(parents=True)
+    for relpath in ("a/b/c/absent.zip", "kept/deeper/absent.zip"):
+        with pytest.raises(DataNotFoundError, match="404"):
+            fetch(RemoteFile(relpath, f"{server}/absent.zip"), tmp_path / "data")
+    assert leftovers(tmp_path / "data") == ["kept"]
+
+
+def test_failed_download_keeps_a_folder_another_process_wrote_to(server, tmp_path, monkeypatch):
+    import common.data
+
+    def fail_after_a_sibling_appears(url, dest, md5, timeout):
+        (dest.parent / "other.zip").write_bytes(b"written meanwhile")
+        raise urllib.error.URLError("connection refused")
+
+    monkeypatch.setattr(common.data, "_download_to", fail_after_a_sibling_appears)
+    with pytest.raises(DataNotFoundError, match="connection refused"):
+        fetch(RemoteFile("toy/toy.zip", f"{server}/toy.zip"), tmp_path / "data")
+    assert leftovers(tmp_path / "data") == ["other.zip", "toy"]
+
+
+def test_interrupted_download_leftovers_are_never_reused(server, tmp_path):
+    # A killed run can leave its temporary file (or a hand-made toy.zip.part): neither is taken for
+    # the file, appended to or removed; a fresh verified download is placed beside them.
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    stale = [folder / ".toy.zip.abc123.part", folder / "toy.zip.part", folder / ".toy.zip.def456.tmp"]
+    for path in stale:
+        path.write_bytes(GOOD_ZIP[:10])
+    remote = RemoteFile("toy/toy.zip", f"{server}/toy.zip", hashlib.md5(GOOD_ZIP).hexdigest())
+    assert fetch(remote, tmp_path).read_bytes() == GOOD_ZIP
+    assert all(path.read_bytes() == GOOD_ZIP[:10] for path in stale)
+    assert leftovers(folder) == sorted([p.name for p in stale] + ["toy.zip"])

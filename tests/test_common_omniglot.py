@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +41,155 @@ def test_cache_is_reused_then_rebuilt_when_archives_change(tmp_path, monkeypatch
     rebuilt = OmniglotStore.load(tmp_path)
     assert not torch.equal(first.images, rebuilt.images)
     assert OmniglotStore.load(tmp_path, image_size=14).images.shape[-1] == 14
+
+
+@pytest.fixture
+def small_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny fake Omniglot (6 + 3 characters) in a tmp data dir, never the mirror."""
+    monkeypatch.delenv("CS330_DATA_MIRROR", raising=False)
+    return make_fake_omniglot(tmp_path, alphabets=2, characters=3, seed=0)
+
+
+def member_data_offset(path: Path, member_suffix: str) -> tuple[int, int]:
+    """(offset, size) of the stored bytes of the first zip member whose name ends with the suffix."""
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(member_suffix))
+    assert info.compress_type == zipfile.ZIP_STORED
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def messages(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The ``warning:``/``error:`` lines written to stderr, without the tqdm progress bars."""
+    lines = re.split(r"[\r\n]", capsys.readouterr().err)
+    return [line for line in lines if line.startswith(("warning:", "error:"))]
+
+
+def cache_path(data_dir: Path) -> Path:
+    return data_dir / "omniglot" / "omniglot_28px.pt"
+
+
+def test_cache_corrupted_inside_the_tensor_data_is_rebuilt(small_data_dir, capsys):
+    good = OmniglotStore.load(small_data_dir)
+    cache = cache_path(small_data_dir)
+    start, size = member_data_offset(cache, "/data/0")  # the images tensor's storage
+    assert size >= 8192
+    overwrite(cache, start + size // 2 - 2048, bytes(range(256)) * 16)  # 4 KB, a disk error's worth
+    capsys.readouterr()
+    loaded = OmniglotStore.load(small_data_dir)
+    assert torch.equal(loaded.images, good.images) and loaded.characters == good.characters
+    assert messages(capsys) == [f"warning: Omniglot cache {cache} failed its checksum; rebuilding from the zips"]
+    # The rebuilt cache is intact again and used silently.
+    assert torch.equal(OmniglotStore.load(small_data_dir).images, good.images)
+    assert messages(capsys) == []
+
+
+def test_cache_with_changed_character_names_is_rebuilt(small_data_dir, capsys):
+    good = OmniglotStore.load(small_data_dir)
+    cache = cache_path(small_data_dir)
+    cached = torch.load(cache, weights_only=True)
+    cached["characters"][0] = "images_background/Alphabet_b0/character99"
+    torch.save(cached, cache)
+    capsys.readouterr()
+    assert OmniglotStore.load(small_data_dir).characters == good.characters
+    assert messages(capsys) == [f"warning: Omniglot cache {cache} failed its checksum; rebuilding from the zips"]
+
+
+def test_cache_from_before_checksums_is_rebuilt_silently(small_data_dir, capsys):
+    good = OmniglotStore.load(small_data_dir)
+    cache = cache_path(small_data_dir)
+    cached = torch.load(cache, weights_only=True)
+    old = {"key": "v1" + cached["key"][2:], "images": cached["images"], "characters": cached["characters"]}
+    torch.save(old, cache)
+    capsys.readouterr()
+    assert torch.equal(OmniglotStore.load(small_data_dir).images, good.images)
+    assert messages(capsys) == []
+    assert "checksum" in torch.load(cache, weights_only=True)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 100, 0.5, -10])
+def test_truncated_cache_is_rebuilt(small_data_dir, capsys, keep):
+    good = OmniglotStore.load(small_data_dir)
+    cache = cache_path(small_data_dir)
+    raw = cache.read_bytes()
+    size = int(len(raw) * keep) if isinstance(keep, float) else keep % len(raw)
+    cache.write_bytes(raw[:size])
+    capsys.readouterr()
+    assert torch.equal(OmniglotStore.load(small_data_dir).images, good.images)
+    lines = messages(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"warning: Omniglot cache {cache} is unreadable (")
+    assert lines[0].endswith("); rebuilding from the zips")
+    assert torch.equal(torch.load(cache, weights_only=True)["images"], good.images)  # a good cache again
+
+
+def test_stale_temporary_cache_files_are_ignored(small_data_dir, capsys):
+    folder = small_data_dir / "omniglot"
+    (folder / ".omniglot_28px.pt.abc123.tmp").write_bytes(b"left by a killed run")
+    assert len(OmniglotStore.load(small_data_dir)) == 9
+    assert messages(capsys) == []
+
+
+def damage_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def damage_crc(path: Path) -> None:
+    start, size = member_data_offset(path, "_05.png")
+    overwrite(path, start + size // 2, b"\xff\x00\xff\x00")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (damage_truncate, "File is not a zip file"), (damage_crc, "Bad CRC-32"),
+])
+@pytest.mark.parametrize("archive", ["images_background.zip", "images_evaluation.zip"])
+def test_damaged_archive_gives_one_clear_error(small_data_dir, damage, reason, archive):
+    path = small_data_dir / "omniglot" / archive
+    damage(path)
+    with pytest.raises(CS330Error, match=reason) as info:
+        OmniglotStore.load(small_data_dir)
+    message = str(info.value)
+    assert f"cannot read {path}" in message and "delete it" in message
+    assert "--data_dir" in message and "CS330_DATA_MIRROR" in message
+    assert sorted(p.name for p in path.parent.iterdir()) == ["images_background.zip", "images_evaluation.zip"]
+
+
+def test_damaged_archive_is_a_cli_error(small_data_dir, capsys):
+    from common.errors import cli_main
+
+    damage_crc(small_data_dir / "omniglot" / "images_background.zip")
+    with pytest.raises(SystemExit) as info:
+        cli_main(OmniglotStore.load)(small_data_dir)
+    assert info.value.code == 2
+    lines = messages(capsys)
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read ")
+
+
+def test_unwritable_cache_runs_from_memory(small_data_dir, monkeypatch, capsys):
+    # chmod cannot make a folder read-only for root (our CI), so the save fails by hand, as
+    # atomic_save does on a read-only mount.
+    def read_only_save(obj, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("common.omniglot.atomic_save", read_only_save)
+    store = OmniglotStore.load(small_data_dir)
+    assert store.images.shape == (9, 20, 28, 28)
+    cache = cache_path(small_data_dir)
+    assert messages(capsys) == [
+        f"warning: cannot write the Omniglot cache to {cache} (Permission denied); running from memory, "
+        "the next run decodes the zips again"
+    ]
+    assert not cache.exists()
+    monkeypatch.undo()
+    assert torch.equal(OmniglotStore.load(small_data_dir).images, store.images)
+    assert cache.exists() and messages(capsys) == []
 
 
 def test_missing_archives_give_one_clear_error(tmp_path, monkeypatch):

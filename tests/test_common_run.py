@@ -14,7 +14,6 @@ from common.checkpoint import (
     ensure_finite,
     list_checkpoints,
     load_checkpoint,
-    refuse_existing_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
@@ -63,13 +62,6 @@ def test_missing_checkpoint_says_so(tmp_path):
 
 class NotATensor:
     """A pickled object that is neither a tensor nor a python primitive."""
-
-
-def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
-    refuse_existing_checkpoints(tmp_path / "new")  # nothing there: fine
-    save_checkpoint(tmp_path, 3, {"w": torch.zeros(1)})
-    with pytest.raises(CS330Error, match="--resume to continue that run, --test to evaluate it, or choose"):
-        refuse_existing_checkpoints(tmp_path, "--test to evaluate it")
 
 
 def test_checkpoint_refuses_arbitrary_pickles(tmp_path):

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from common.omniglot import Episodes, EpisodeSampler
+from hw2_protonet_maml import anil as anil_script
 from hw2_protonet_maml import maml as maml_script
 from hw2_protonet_maml import protonet as protonet_script
-from hw2_protonet_maml.algorithms import MAML, reference_maml_loss
-from hw2_protonet_maml.models import proto_logits
+from hw2_protonet_maml.anil import ANIL, reference_anil_loss
+from hw2_protonet_maml.maml import MAML, reference_maml_loss
+from hw2_protonet_maml.protonet import proto_logits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ def tiny_episodes(batch=3, way=3, shot=2, query=2, size=8, seed=0) -> Episodes:
     )
 
 
-def meta_grads(model: MAML, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+def meta_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in named])
     return {k: g for (k, _), g in zip(named, grads)}
@@ -62,6 +64,26 @@ def test_maml_compiled_query_pass_gives_the_same_meta_gradient():
     slow = meta_grads(model, reference_maml_loss(model, episodes))
     for key in fast:
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("steps, learn_lrs, first_order", [(1, False, False), (3, True, False), (2, False, True)])
+def test_anil_meta_gradient_matches_its_plain_loop(steps, learn_lrs, first_order):
+    model = ANIL(num_way=3, num_inner_steps=steps, inner_lr=0.1, learn_inner_lrs=learn_lrs, first_order=first_order,
+                 hidden_channels=4, seed=0).double()
+    episodes = tiny_episodes()
+    fast = meta_grads(model, model(episodes)[0])
+    slow = meta_grads(model, reference_anil_loss(model, episodes))
+    assert fast.keys() == slow.keys() and any(k.startswith("body.") for k in fast)
+    for key in fast:
+        torch.testing.assert_close(fast[key], slow[key], atol=1e-6, rtol=0)
+
+
+def test_anil_body_normalizes_each_task_on_its_own():
+    body = ANIL(num_way=3, hidden_channels=4, seed=0).double().body
+    images = tiny_episodes(batch=3).query_images  # [3, 6, 1, 8, 8]
+    one_pass = body(images)
+    for b in range(3):
+        torch.testing.assert_close(one_pass[b], body(images[b:b + 1])[0])
 
 
 def test_maml_inner_loop_stays_float32_under_bf16_autocast():
@@ -181,11 +203,15 @@ def test_test_mode_without_checkpoint_says_so(omniglot_data_dir, tmp_path, capsy
 
 @pytest.mark.parametrize("script, flags, message", [
     (protonet_script, ["--num_support", "10", "--num_query", "15"], "only 20 drawings"),
-    (protonet_script, ["--learning_rate", "0"], "must be positive"),
+    (protonet_script, ["--learning_rate", "0"], "must be a positive number"),
     (maml_script, ["--test_num_way", "7"], "output layer"),
-    (maml_script, ["--inner_lr", "-1"], "must be positive"),
+    (maml_script, ["--inner_lr", "-1"], "must be a positive number"),
     (maml_script, ["--num_inner_steps", "0"], "positive integer"),
     (maml_script, ["--compile_query", "--vmap_tasks"], "drop it or --vmap_tasks"),
+    (maml_script, ["--inner_lr", "inf"], "finite"),
+    (protonet_script, ["--learning_rate", "nan"], "finite"),
+    (protonet_script, ["--train_num_way", "0"], "positive integer"),
+    (anil_script, ["--test_num_way", "7"], "output layer"),
 ])
 def test_bad_flags_are_refused_early(script, flags, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -200,3 +226,52 @@ def test_maml_short_run_logs_adaptation(omniglot_data_dir, tmp_path):
     metrics = results(run)
     assert metrics["test_support_acc_post"] > metrics["test_support_acc_pre"]
     assert {"hparams.json", "results.json", "checkpoints"} <= {p.name for p in run.iterdir()}
+
+
+def test_anil_short_run_adapts_its_head(omniglot_data_dir, tmp_path):
+    run = tmp_path / "anil"
+    anil_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "4", "--val_interval", "2",
+                               "--num_filters", "8", "--conv_stride", "2", "--num_inner_steps", "3"))
+    metrics = results(run)
+    assert metrics["test_support_acc_post"] > metrics["test_support_acc_pre"]
+
+
+def test_resume_with_changed_flags_is_refused_before_any_work(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "pn"
+    protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "2", "--val_interval", "2"))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for changed in (["--learning_rate", "0.5"], ["--num_way", "3"]):
+        with pytest.raises(SystemExit) as info:
+            protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "4", "--resume",
+                                           *changed))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"--{changed[0][2:]}" in err and "other flags" in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    assert json.loads((run / "hparams.json").read_text())["learning_rate"] == 1e-3
+    # The run length may change: a finished run is extended.
+    protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "4", "--val_interval", "2",
+                                   "--resume"))
+    assert (run / "checkpoints" / "step0000004.pt").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--test_num_way", "500"], "--test_num_way = 500"),
+    (["--num_way", "150"], "--num_way (or --train_num_way) = 150"),
+])
+def test_class_counts_are_checked_before_any_work(omniglot_data_dir, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        protonet_script.main(run_flags(omniglot_data_dir, tmp_path / "pn", *flags))
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "pn").exists()
+
+
+def test_infinite_weights_never_reach_a_checkpoint(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "pn"
+    with pytest.raises(SystemExit) as info:
+        protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "6", "--save_interval", "1",
+                                       "--learning_rate", "1e30"))
+    assert info.value.code == 2 and "Lower the learning rate" in capsys.readouterr().err
+    assert not (run / "results.json").exists()
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

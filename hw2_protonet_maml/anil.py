@@ -1,0 +1,178 @@
+"""ANIL (Raghu et al. 2020, "Rapid learning or feature reuse?") on Omniglot, in one file: MAML whose
+inner loop adapts only the linear head; the convolutional body is meta-learned by the outer loop
+alone. The meta-loss written plainly, the fast module (same meta-gradient), flags and ``main()``.
+It takes maml.py's flags (less --vmap_tasks and --compile_query).
+
+    python hw2_protonet_maml/anil.py --num_way 5 --num_support 1 --inner_lr 0.4 --num_inner_steps 1
+    python hw2_protonet_maml/anil.py --conv_stride 2 --num_inner_steps 5 --inner_lr 0.04
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
+
+from common.device import setup_compute
+from common.errors import cli_main
+from common.omniglot import Episodes
+from common.runlog import build_run_name
+from common.seeding import seed_everything
+from hw2_protonet_maml.training import (
+    MetaTrainer,
+    TrainSettings,
+    accuracy,
+    add_episode_args,
+    add_inner_loop_args,
+    check_drawings,
+    check_inner_loop_args,
+    inner_loop_run_params,
+)
+
+
+# ---------------------------------------------------------------------------- the meta-loss, plainly
+def reference_anil_loss(anil: ANIL, episodes: Episodes, num_inner_steps: int | None = None) -> torch.Tensor:
+    """For each task: features of its support and query images (the body is not adapted), a few
+    gradient steps of the head on the support features, the query loss of the adapted head."""
+    steps = anil.num_inner_steps if num_inner_steps is None else num_inner_steps
+    support, support_labels, query, query_labels = episodes  # [B, N*K, 1, S, S], [B, N*K], [B, N*Q, ...]
+    total = 0.0
+    for b in range(support.shape[0]):
+        support_features = anil.body(support[b:b + 1])[0]  # [N*K, C]: batch norm over this task's support set
+        query_features = anil.body(query[b:b + 1])[0]  # [N*Q, C]
+        head = dict(anil.head)
+        for _ in range(steps):
+            inner_loss = F.cross_entropy(F.linear(support_features, head["w"], head["b"]), support_labels[b])
+            grads = torch.autograd.grad(inner_loss, list(head.values()), create_graph=not anil.first_order)
+            head = {k: head[k] - anil.inner_lrs[k] * g for k, g in zip(head, grads)}
+        total = total + F.cross_entropy(F.linear(query_features, head["w"], head["b"]), query_labels[b])
+    return total / support.shape[0]
+
+
+# ---------------------------------------------------------------------------- the network
+class TaskwiseBody(nn.Module):
+    """4 x [conv 3x3, batch norm, ReLU] and a spatial mean (the MAML course network without its head).
+
+    Input ``[B, M, 1, S, S]`` (B tasks of M images) -> features ``[B, M, C]``. Batch norm uses each
+    task's own statistics, as MAML does, yet all tasks run in one pass: the activations are viewed
+    as ``[M, B*C, H, W]`` for the normalization, so each (task, channel) pair is one channel.
+    """
+
+    def __init__(self, in_channels: int = 1, hidden_channels: int = 64, stride: int = 1, num_layers: int = 4) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else hidden_channels, hidden_channels, 3,
+                                             stride=stride, padding=1) for i in range(num_layers))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tasks, per_task = images.shape[:2]
+        x = images.flatten(0, 1)  # [B*M, 1, S, S]
+        for conv in self.convs:
+            x = conv(x)  # [B*M, C, H, W]
+            c, h, w = x.shape[1:]
+            by_task = x.view(tasks, per_task, c, h, w).transpose(0, 1).reshape(per_task, tasks * c, h, w)
+            by_task = F.batch_norm(by_task, None, None, training=True)  # statistics per (task, channel)
+            x = F.relu(by_task.view(per_task, tasks, c, h, w).transpose(0, 1).reshape(tasks * per_task, c, h, w))
+        return x.mean(dim=(2, 3)).view(tasks, per_task, -1)  # [B, M, C]
+
+
+# ---------------------------------------------------------------------------- the fast module
+class ANIL(nn.Module):
+    """ANIL as a meta-learner (see ``training.MetaLearner``): the loss of :func:`reference_anil_loss`.
+
+    Faster than MAML by construction: the body runs once per image whatever the number of inner
+    steps, all tasks in one pass (:class:`TaskwiseBody`), and the inner loop differentiates only
+    through the head (``torch.func.grad``, vmapped over tasks: a [N*K, C] x [C, N] product each).
+    """
+
+    per_task_eval = False  # batch-norm statistics are per task already
+
+    def __init__(self, num_way: int, num_inner_steps: int = 1, inner_lr: float = 0.4,
+                 learn_inner_lrs: bool = False, first_order: bool = False, hidden_channels: int = 64,
+                 conv_stride: int = 1, seed: int = 0, eval_num_inner_steps: int | None = None) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():  # the body's default init draws from the global generator
+            torch.manual_seed(seed)
+            self.body = TaskwiseBody(hidden_channels=hidden_channels, stride=conv_stride)
+        bound = (6.0 / (num_way + hidden_channels)) ** 0.5  # Xavier-uniform, as MAML's head
+        self.head = nn.ParameterDict({
+            "w": nn.Parameter((torch.rand(num_way, hidden_channels, generator=generator) * 2 - 1) * bound),
+            "b": nn.Parameter(torch.zeros(num_way)),
+        })
+        self.inner_lrs = nn.ParameterDict(
+            {k: nn.Parameter(torch.tensor(inner_lr), requires_grad=learn_inner_lrs) for k in self.head})
+        self.num_inner_steps = num_inner_steps
+        self.eval_num_inner_steps = eval_num_inner_steps or num_inner_steps
+        self.first_order = first_order
+
+    def adapt_head(self, head: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor,
+                   num_steps: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One task's inner loop on its support features ``[N*K, C]``; returns the adapted head and
+        the support accuracy before each step and after the last, ``[num_steps + 1]``."""
+        def support_loss(h):
+            logits = F.linear(features, h["w"], h["b"])
+            return F.cross_entropy(logits, labels), logits
+
+        accuracies = []
+        for _ in range(num_steps):
+            grads, logits = grad(support_loss, has_aux=True)(head)
+            accuracies.append(accuracy(logits, labels))
+            if self.first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            head = {k: h - self.inner_lrs[k] * grads[k] for k, h in head.items()}
+        accuracies.append(accuracy(F.linear(features, head["w"], head["b"]), labels).detach())
+        return head, torch.stack(accuracies)
+
+    def task_loss(self, head: dict[str, torch.Tensor], support_features: torch.Tensor, support_labels: torch.Tensor,
+                  query_features: torch.Tensor, query_labels: torch.Tensor, num_steps: int,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        adapted, support_accs = self.adapt_head(head, support_features, support_labels, num_steps)
+        logits = F.linear(query_features, adapted["w"], adapted["b"]).float()
+        return F.cross_entropy(logits, query_labels), support_accs, accuracy(logits, query_labels)
+
+    def forward(self, episodes: Episodes, num_inner_steps: int | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if num_inner_steps is None:
+            num_inner_steps = self.num_inner_steps if self.training else self.eval_num_inner_steps
+        support, support_labels, query, query_labels = episodes
+        dtype = self.head["w"].dtype  # the head adapts in its own precision (fp32), even under autocast
+        support_features = self.body(support).to(dtype)  # [B, N*K, C]
+        query_features = self.body(query).to(dtype)  # [B, N*Q, C]
+        task_losses, support_accs, query_accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0, None))(
+            dict(self.head), support_features, support_labels, query_features, query_labels, num_inner_steps)
+        loss = task_losses.mean()
+        support_accs = support_accs.detach()  # [B, steps + 1]
+        return loss, {"loss": loss.detach(), "support_acc_pre": support_accs[:, 0],
+                      "support_acc_post": support_accs[:, -1], "query_acc": query_accs.detach()}
+
+
+# ---------------------------------------------------------------------------- script
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_episode_args(parser, num_support=1, num_train_iterations=15000)
+    add_inner_loop_args(parser, "anil")
+    args = parser.parse_args(argv)
+    check_drawings(parser, args)
+    check_inner_loop_args(parser, args)
+    return args
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device, precision = setup_compute(args.device, args.precision, args.threads)
+    run_name = build_run_name("anil", inner_loop_run_params(args, precision))
+    settings = TrainSettings.from_args(args, device, precision, run_name)
+    seed_everything(args.seed)
+    model = ANIL(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.first_order,
+                 args.num_filters, args.conv_stride, seed=args.seed, eval_num_inner_steps=args.eval_num_inner_steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
+    trainer = MetaTrainer(model, optimizer, settings, hparams={**vars(args), "precision": precision})
+    trainer.run(test_only=args.test, checkpoint_step=args.checkpoint_step)
+
+
+if __name__ == "__main__":
+    main()
