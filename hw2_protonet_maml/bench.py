@@ -11,26 +11,14 @@ the maths would show up at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import time
 
 import torch
 
-from common.device import DEVICE_CHOICES, resolve_device
+from common.device import DEVICE_CHOICES, autocast, configure_threads, cpu_capability, resolve_device
 from common.omniglot import EpisodeSampler, OmniglotStore
-from hw2_protonet_maml.algorithms import MAML, ProtoNet, reference_maml_loss
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (and torch.func tracing caches)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+from common.timing import timed
+from hw2_protonet_maml.maml import MAML, reference_maml_loss
+from hw2_protonet_maml.protonet import ProtoNet
 
 
 def meta_gradient(maml: MAML, loss_fn) -> torch.Tensor:
@@ -65,7 +53,7 @@ def bench_maml(args, device, sampler) -> None:
     print(f"{'variant':<32}{'s/iter':>10}{'speed-up':>10}{'max |grad diff|':>17}{'rel. L2 diff':>14}")
     base = None
     for name, loss_fn in variants.items():
-        seconds = timed(lambda fn=loss_fn: meta_gradient(maml, fn), args.repeats, device)
+        seconds = timed(lambda fn=loss_fn: meta_gradient(maml, fn), device, args.repeats, warmup=1)[1]
         diff = meta_gradient(maml, loss_fn) - reference
         base = base or seconds
         print(f"{name:<32}{seconds:>10.3f}{base / seconds:>9.2f}x{diff.abs().max().item():>17.2e}"
@@ -78,32 +66,43 @@ def conv_gflops(args, device) -> float:
     """Forward throughput of one of the network's 3x3 convolutions on one task's query images."""
     images = torch.randn(args.num_way * args.num_query, args.channels, 28, 28, device=device)
     weight = torch.randn(args.channels, args.channels, 3, 3, device=device)
-    seconds = timed(lambda: torch.conv2d(images, weight, padding=1), 10, device)
+    seconds = timed(lambda: torch.conv2d(images, weight, padding=1), device, 10, warmup=1)[1]
     return 2 * images.numel() * args.channels * 9 / seconds / 1e9
 
 
 def bench_protonet(args, device, sampler) -> None:
+    """ProtoNet training steps for each precision and chunking of the embedding forwards: one task per
+    forward (the model, and the course code) or one pass over the whole meta-batch (batch norm then
+    mixes the tasks' statistics; timed here only for the comparison)."""
     print(f"\nProtoNet training: {args.num_way}-way {args.num_support}-shot {args.num_query}-query, "
           f"batch {args.batch_size} tasks")
-    print(f"{'variant':<30}{'s/iter':>10}{'episodes/s':>12}")
-    for name, bf16 in (("fp32", False), ("bf16 autocast + channels-last", True)):
-        if bf16 and args.no_bf16:
-            continue
-        model = ProtoNet().to(device)
-        if bf16:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        context = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    print(f"{'precision':<10}{'chunking':<22}{'s/iter':>10}{'episodes/s':>12}")
+    for precision in ("fp32",) if args.no_bf16 else ("fp32", "bf16"):
+        for chunking in ("per task", "whole meta-batch"):
+            model = ProtoNet().to(device)
+            if precision == "bf16":
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+            if chunking != "per task":
+                model.embed_tasks = lambda s, q, m=model: _embed_meta_batch(m, s, q)
 
-        def step(model=model, optimizer=optimizer, context=context):
-            with context:
-                loss, _ = model(sampler.sample(args.batch_size))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            def step(model=model, optimizer=optimizer, precision=precision):
+                with autocast(device, precision):
+                    loss, _ = model(sampler.sample(args.batch_size))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
 
-        seconds = timed(step, args.repeats, device)
-        print(f"{name:<30}{seconds:>10.3f}{args.batch_size / seconds:>12.1f}")
+            seconds = timed(step, device, args.repeats, warmup=1)[1]
+            print(f"{precision:<10}{chunking:<22}{seconds:>10.3f}{args.batch_size / seconds:>12.1f}")
+
+
+def _embed_meta_batch(model: ProtoNet, support: torch.Tensor, query: torch.Tensor):
+    batch, num_support = support.shape[:2]
+    images = torch.cat([support.flatten(0, 1), query.flatten(0, 1)])  # [B*(NK+NQ), 1, S, S]
+    emb = model.embedding(images).float()
+    dim = emb.shape[-1]
+    return emb[: batch * num_support].view(batch, num_support, dim), emb[batch * num_support:].view(batch, -1, dim)
 
 
 def _with(context, fn):
@@ -123,12 +122,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per variant (default: 3)")
     parser.add_argument("--no_bf16", action="store_true", help="skip the bf16 variants")
     parser.add_argument("--only", choices=("maml", "protonet"), default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
     args = parser.parse_args()
+    configure_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     store = OmniglotStore.load()
     sampler = EpisodeSampler(store.split("train"), args.num_way, args.num_support, args.num_query, device, seed=0)
-    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device: {device}, CPU capability {cpu_capability()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
     if args.only != "protonet":
         bench_maml(args, device, sampler)
     if args.only != "maml":

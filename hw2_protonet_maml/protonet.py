@@ -73,25 +73,32 @@ class ProtoNet(nn.Module):
     prediction does not depend on the others).
     """
 
+    per_task_eval = False  # every forward embeds one task at a time
+
     def __init__(self, hidden_channels: int = 64, eval_bn: str = "batch") -> None:
         super().__init__()
         self.embedding = ProtoNetEmbedding(hidden_channels=hidden_channels)
         self.eval_bn = eval_bn
-        # With batch statistics, evaluation runs one task per forward so tasks never mix.
-        self.per_task_eval = eval_bn == "batch"
+
+    def embed_tasks(self, support: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support ``[B, N*K, 1, S, S]`` and query ``[B, N*Q, 1, S, S]`` -> embeddings ``[B, N*K, D]``,
+        ``[B, N*Q, D]`` in fp32 (distances in fp32 even under bf16 autocast).
+
+        One task per forward, as the course code does: batch-norm statistics are each task's own, so
+        tasks never interact (a meta-batch's loss is the mean of its tasks' losses, which is what lets
+        data-parallel ranks split the tasks), and one task's activations stay in cache, which
+        measured faster than one pass over the whole meta-batch (bench.py).
+        """
+        num_support = support.shape[1]
+        emb = torch.stack([self.embedding(torch.cat([s, q])) for s, q in zip(support, query)]).float()
+        return emb[:, :num_support], emb[:, num_support:]
 
     def forward(self, episodes: Episodes) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Query loss and per-task metrics (``[B]`` tensors) of a meta-batch."""
         support, support_labels, query, query_labels = episodes
-        batch, num_support = support.shape[:2]
         num_way = int(support_labels.max()) + 1
         self.embedding.train(self.training or self.eval_bn == "batch")
-        # One pass over every image of every task: during training the batch-norm statistics
-        # then come from the whole meta-batch.
-        images = torch.cat([support.flatten(0, 1), query.flatten(0, 1)])  # [B*(NK+NQ), 1, S, S]
-        emb = self.embedding(images).float()  # distances in fp32 even under bf16 autocast
-        support_emb = emb[: batch * num_support].view(batch, num_support, -1)  # [B, N*K, D]
-        query_emb = emb[batch * num_support:].view(batch, query.shape[1], -1)  # [B, N*Q, D]
+        support_emb, query_emb = self.embed_tasks(support, query)  # [B, N*K, D], [B, N*Q, D]
         logits = proto_logits(support_emb, support_labels, query_emb, num_way)  # [B, N*Q, N]
         loss = F.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
         with torch.no_grad():

@@ -127,6 +127,20 @@ def test_proto_logits_by_hand():
     torch.testing.assert_close(logits, torch.tensor([[[-1.0, -10.0]]]))
 
 
+def test_protonet_tasks_do_not_interact(omniglot_store):
+    """Batch norm normalizes each task on its own (as the course code): a meta-batch's loss is the mean of
+    its tasks' losses, so splitting the tasks across processes or chunks changes nothing."""
+    from hw2_protonet_maml.protonet import ProtoNet
+
+    torch.manual_seed(0)
+    model = ProtoNet(hidden_channels=8)
+    episodes = EpisodeSampler(omniglot_store.split("train"), 5, 1, 3, seed=0).sample(4)
+    whole, metrics = model(episodes)
+    one_by_one = [model(Episodes(*(t[b:b + 1] for t in episodes)))[0] for b in range(4)]
+    torch.testing.assert_close(whole, torch.stack(one_by_one).mean())
+    assert metrics["query_acc"].shape == (4,)
+
+
 def test_maml_adaptation_improves_support_accuracy(omniglot_store):
     sampler = EpisodeSampler(omniglot_store.split("train"), 5, 1, 5, seed=0)
     model = MAML(5, num_inner_steps=3, inner_lr=0.4, hidden_channels=16, seed=0)
