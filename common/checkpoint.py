@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import pickle
+import random
 import re
 import sys
 import tempfile

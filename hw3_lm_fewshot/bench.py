@@ -10,28 +10,18 @@ outputs are checked to be the same tokens, so the speed-up is for identical work
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from common.cli import positive_int
 from common.device import DEVICE_CHOICES, resolve_device
 from common.errors import CS330Error, cli_main
+from common.timing import timed
 from hw3_lm_fewshot.generation import greedy_no_cache
 from hw3_lm_fewshot.models import MODEL_CHOICES, load_causal_lm, resolve_model
 
 TEXT = ("Mary moved to the bathroom. John went to the hallway. Daniel travelled to the office. "
         "Sandra journeyed to the garden. ")
-
-
-def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
 
 
 @cli_main

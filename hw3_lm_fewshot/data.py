@@ -2,12 +2,14 @@
 
 Each task comes from local files when present (the data directory, then the read-only mirror
 ``$CS330_DATA_MIRROR``) and otherwise from the Hugging Face hub, as in the course. A task is a
-*pool* that support/training examples are drawn from and a disjoint *evaluation set*; both are
-sampled with a seed.
+*pool* that support/training examples are drawn from and a disjoint *evaluation set*. The
+evaluation set is drawn first, with the seed, and the pool is all the rest of the data: no cap,
+so the largest k is what the data holds (an input that also appears in the evaluation set is
+left out of the pool, so no evaluation answer can be shown as a support example).
 
 Local stand-ins (see the mirror's SOURCE.md files) and how they are split:
 - amazon: ``amazon_review_full_test_999.jsonl`` (5 classes), shuffled with the seed, then per class the
-  first ``n_pool_per_class`` reviews are the pool and the next ``n_eval_per_class`` the evaluation set.
+  first ``n_eval // 5`` reviews are the evaluation set and the rest of the class is the pool.
 - xsum: pool = ``validation_999.jsonl``, evaluation = ``test_1000.jsonl``, both filtered to
   document + summary shorter than ``xsum_max_words`` words (course: 100 on the train split; the local
   files hold only 102 such rows, too few for k = 128, so the default here is 150).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,9 @@ from common.errors import CS330Error
 TASKS = ("amazon", "xsum", "babi")
 NUM_AMAZON_CLASSES = 5
 AMAZON_RELPATH = "lm_fewshot/amazon/amazon_review_full_test_999.jsonl"
+AMAZON_FIELDS = ("text", "label")
 XSUM_RELPATHS = ("lm_fewshot/xsum/validation_999.jsonl", "lm_fewshot/xsum/test_1000.jsonl")
+XSUM_FIELDS = ("document", "summary")
 BABI_DIR = "lm_fewshot/babi/tasks_1-20_v1-2"
 BABI_POOL_FILES = ("en-10k/qa1_single-supporting-fact_train.txt", "en/qa1_single-supporting-fact_train.txt")
 BABI_EVAL_FILE = "en/qa1_single-supporting-fact_test.txt"
@@ -47,6 +52,7 @@ class TaskData:
     pool: list[Example]
     eval: list[Example]
     source: str  # where the examples came from, for the results files
+    pool_note: str = ""  # what bounds the pool, for the error when a k does not fit
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,8 @@ def check_task(name: str) -> str:
     return name
 
 
-def parse_babi(lines: list[str]) -> list[BabiQuestion]:
-    """Parse the original bAbI text format.
+def parse_babi(lines: Sequence[str], source: str = "bAbI") -> list[BabiQuestion]:
+    """Parse the original bAbI text format (``source`` names the file in errors).
 
     ``ID text`` lines; a question line is ``ID question<TAB>answer<TAB>supporting ids``; the ID
     resets to 1 at the start of every story. Earlier questions are not part of later inputs.
@@ -82,13 +88,14 @@ def parse_babi(lines: list[str]) -> list[BabiQuestion]:
             continue
         line_id, _, text = line.partition(" ")
         if not line_id.isdigit():
-            raise CS330Error(f"bAbI line {number} does not start with a line id: {line!r}")
+            raise CS330Error(f"{source} line {number} does not start with a line id: {line!r}")
         if int(line_id) == 1:
             statements = []
         if "\t" in text:
             fields = text.split("\t")
-            if len(fields) != 3:
-                raise CS330Error(f"bAbI line {number}: a question needs 3 tab-separated fields, got {line!r}")
+            if len(fields) != 3 or not all(s.isdigit() for s in fields[2].split()):
+                raise CS330Error(f"{source} line {number}: a question needs 3 tab-separated fields "
+                                 f"(question, answer, supporting line ids), got {line!r}")
             question, answer, support = (field.strip() for field in fields)
             questions.append(BabiQuestion(
                 story=tuple(s for _, s in statements), question=question, answer=answer,
@@ -99,24 +106,86 @@ def parse_babi(lines: list[str]) -> list[BabiQuestion]:
     return questions
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: Path, fields: Sequence[str], make: Callable[[dict], Example]) -> list[Example]:
+    """One :class:`Example` per line of a JSONL file. A line that is not a JSON object holding
+    ``fields``, or whose values ``make`` rejects (ValueError/TypeError), is an error naming the
+    file and the line."""
+    examples = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                row = json.loads(line) if line.strip() else None
+            except UnicodeDecodeError as err:
+                raise CS330Error(f"{where}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+            except json.JSONDecodeError as err:
+                raise CS330Error(f"{where}: not valid JSON ({err.msg}: column {err.colno})") from None
+            if row is None:
+                continue
+            if not isinstance(row, dict):
+                raise CS330Error(f"{where}: expected a JSON object with the fields {', '.join(fields)}, "
+                                 f"got a {type(row).__name__}")
+            missing = [name for name in fields if name not in row]
+            if missing:
+                raise CS330Error(f"{where}: missing field {', '.join(map(repr, missing))} "
+                                 f"(every row needs {', '.join(fields)})")
+            try:
+                examples.append(make(row))
+            except (TypeError, ValueError) as err:
+                raise CS330Error(f"{where}: {err}") from None
+    return examples
 
 
-def _split_balanced(rows: list[Example], seed: int, n_pool: int, n_eval: int) -> tuple[list[Example], list[Example]]:
+def _text(row: dict, field: str) -> str:
+    if not isinstance(row[field], str):
+        raise TypeError(f"field {field!r} must be a string, got {row[field]!r}")
+    return row[field]
+
+
+def _amazon_example(row: dict) -> Example:
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_AMAZON_CLASSES:
+        raise ValueError(f"field 'label' must be an integer 0..{NUM_AMAZON_CLASSES - 1} (stars - 1), got {label!r}")
+    return Example(_text(row, "text"), label)
+
+
+def _xsum_example(row: dict) -> Example:
+    return Example(_text(row, "document"), _text(row, "summary"))
+
+
+def _disjoint(pool: list[Example], evaluation: list[Example]) -> tuple[list[Example], int]:
+    """The pool without the examples whose input is also an evaluation input, and how many went."""
+    seen = {ex.x for ex in evaluation}
+    kept = [ex for ex in pool if ex.x not in seen]
+    return kept, len(pool) - len(kept)
+
+
+def _overlap_note(removed: int, what: str) -> str:
+    return f" minus {removed} whose input is also an evaluation {what}" if removed else ""
+
+
+def _take_eval(rows: list, n_eval: int, what: str) -> list:
+    if len(rows) < n_eval:
+        raise CS330Error(f"--n_eval {n_eval}: the {what} holds only {len(rows)} examples; lower --n_eval")
+    return rows[:n_eval]
+
+
+def _split_balanced(rows: list[Example], seed: int, n_eval: int) -> tuple[list[Example], list[Example], str]:
+    """Per class (after a seeded shuffle): the first ``n_eval`` reviews are evaluated, the rest is the pool."""
     by_class: dict[int, list[Example]] = defaultdict(list)
     shuffled = rows[:]
     random.Random(seed).shuffle(shuffled)
     for row in shuffled:
         by_class[int(row.y)].append(row)
     smallest = min(len(by_class[c]) for c in range(NUM_AMAZON_CLASSES))
-    if n_pool + n_eval > smallest:
-        raise CS330Error(f"amazon: {n_pool} pool + {n_eval} evaluation reviews per class requested, but the "
-                         f"smallest class has {smallest}; lower --n_eval or the largest k")
-    pool = [ex for c in range(NUM_AMAZON_CLASSES) for ex in by_class[c][:n_pool]]
-    evaluation = [ex for c in range(NUM_AMAZON_CLASSES) for ex in by_class[c][n_pool:n_pool + n_eval]]
-    return pool, evaluation
+    if n_eval > smallest:
+        raise CS330Error(f"amazon: --n_eval asks for {n_eval} evaluation reviews per class, but the smallest class "
+                         f"has {smallest}; lower --n_eval")
+    evaluation = [ex for c in range(NUM_AMAZON_CLASSES) for ex in by_class[c][:n_eval]]
+    pool, removed = _disjoint([ex for c in range(NUM_AMAZON_CLASSES) for ex in by_class[c][n_eval:]], evaluation)
+    note = f"{smallest} in the smallest class minus {n_eval} evaluation reviews" + _overlap_note(removed, "review")
+    return pool, evaluation, note
 
 
 def _hub(*args, **kwargs):
@@ -130,45 +199,60 @@ def _hub(*args, **kwargs):
                          "Set CS330_DATA_MIRROR or --data_dir to a folder holding lm_fewshot/") from None
 
 
-def _load_amazon(seed: int, n_pool: int, n_eval: int, data_dir: str | None) -> TaskData:
+def _load_amazon(seed: int, n_eval: int, data_dir: str | None) -> TaskData:
     path = find_local(AMAZON_RELPATH, data_dir)
     if path is not None:
-        rows = [Example(r["text"], int(r["label"])) for r in _read_jsonl(path)]
+        rows = read_jsonl(path, AMAZON_FIELDS, _amazon_example)
         source = str(path)
     else:  # the course's data: Amazon US reviews of videos, reviews mentioning "sex" removed
         hub = _hub("amazon_us_reviews", "Video_v1_00", split="train")
         rows = [Example(r["review_body"], int(r["star_rating"]) - 1) for r in hub
                 if "sex" not in r["review_body"].lower()]
         source = "hub:amazon_us_reviews/Video_v1_00"
-    pool, evaluation = _split_balanced(rows, seed, n_pool, n_eval)
-    return TaskData("amazon", pool, evaluation, source)
+    pool, evaluation, note = _split_balanced(rows, seed, n_eval)
+    return TaskData("amazon", pool, evaluation, source, note)
 
 
-def _load_xsum(seed: int, n_pool: int, n_eval: int, data_dir: str | None, max_words: int) -> TaskData:
-    def short(doc: str, summary: str) -> bool:
-        return len(doc.split(" ")) + len(summary.split(" ")) < max_words
+def _load_xsum(seed: int, n_eval: int, data_dir: str | None, max_words: int) -> TaskData:
+    def short(ex: Example) -> bool:
+        return len(ex.x.split(" ")) + len(str(ex.y).split(" ")) < max_words
 
     local = [find_local(relpath, data_dir) for relpath in XSUM_RELPATHS]
     if all(path is not None for path in local):
-        pool_rows, eval_rows = ([Example(r["document"], r["summary"]) for r in _read_jsonl(path)
-                                 if short(r["document"], r["summary"])] for path in local)
-        random.Random(seed).shuffle(pool_rows)
+        pool_all, eval_all = (read_jsonl(path, XSUM_FIELDS, _xsum_example) for path in local)
+        pool_rows, eval_rows = [ex for ex in pool_all if short(ex)], [ex for ex in eval_all if short(ex)]
         random.Random(seed + 1).shuffle(eval_rows)
+        eval_rows = _take_eval(eval_rows, n_eval, f"xsum evaluation file (rows under {max_words} words)")
+        pool_rows, removed = _disjoint(pool_rows, eval_all)
+        note = (f"the {len(pool_rows) + removed} of {len(pool_all)} rows of {local[0].name} whose document + "
+                f"summary have fewer than {max_words} words" + _overlap_note(removed, "document"))
         source = " + ".join(str(p) for p in local)
     else:
         hub = _hub("xsum", split="train")
-        rows = [Example(r["document"], r["summary"]) for r in hub if short(r["document"], r["summary"])]
+        rows = [ex for ex in (Example(r["document"], r["summary"]) for r in hub) if short(ex)]
         random.Random(seed).shuffle(rows)
-        pool_rows, eval_rows = rows[:n_pool], rows[n_pool:]
+        eval_rows = _take_eval(rows, n_eval, f"xsum train split (rows under {max_words} words)")
+        pool_rows, removed = _disjoint(rows[n_eval:], eval_rows)
+        note = (f"{len(rows)} rows of xsum train under {max_words} words minus {n_eval} evaluation rows"
+                + _overlap_note(removed, "document"))
         source = "hub:xsum/train"
-    return TaskData("xsum", pool_rows[:n_pool], eval_rows[:n_eval], source)
+    return TaskData("xsum", pool_rows, eval_rows, source, note)
 
 
-def _load_babi(seed: int, n_pool: int, n_eval: int, data_dir: str | None) -> TaskData:
+def _load_babi(seed: int, n_eval: int, data_dir: str | None) -> TaskData:
     pool_path = next((p for f in BABI_POOL_FILES if (p := find_local(f"{BABI_DIR}/{f}", data_dir))), None)
     eval_path = find_local(f"{BABI_DIR}/{BABI_EVAL_FILE}", data_dir)
+    to_example = lambda q: Example(q.x, q.answer)  # noqa: E731
     if pool_path is not None and eval_path is not None:
-        pool_q, eval_q = (parse_babi(path.read_text(encoding="utf-8").splitlines()) for path in (pool_path, eval_path))
+        pool_all, eval_all = ([to_example(q) for q in parse_babi(path.read_text(encoding="utf-8").splitlines(),
+                                                                 source=str(path))]
+                              for path in (pool_path, eval_path))
+        eval_rows = eval_all[:]
+        random.Random(seed + 1).shuffle(eval_rows)
+        eval_rows = _take_eval(eval_rows, n_eval, f"bAbI evaluation file {eval_path.name}")
+        # short stories repeat across the files: 16 of the 1,000 test inputs are also in en-10k train
+        pool_rows, removed = _disjoint(pool_all, eval_all)
+        note = f"the {len(pool_all)} questions of {pool_path.name}" + _overlap_note(removed, "question")
         source = f"{pool_path} + {eval_path}"
     else:  # the course's config; the hub's story format holds statements (type 0) and questions (type 1)
         hub = _hub("babi_qa", "en-valid-10k-qa1", split="train")
@@ -178,28 +262,25 @@ def _load_babi(seed: int, n_pool: int, n_eval: int, data_dir: str | None) -> Tas
             lines = [f"{i} {t}" + (f"\t{a}\t{' '.join(s)}" if kind == 1 else "")
                      for i, t, a, s, kind in zip(story["id"], story["text"], story["answer"],
                                                  story["supporting_ids"], story["type"])]
-            questions.extend(parse_babi(lines))
+            questions.extend(to_example(q) for q in parse_babi(lines, source="hub babi_qa"))
         random.Random(seed).shuffle(questions)
-        pool_q, eval_q = questions[:n_pool], questions[n_pool:]
+        eval_rows = _take_eval(questions, n_eval, "hub bAbI split")
+        pool_rows, removed = _disjoint(questions[n_eval:], eval_rows)
+        note = f"{len(questions)} questions minus {n_eval} evaluation questions" + _overlap_note(removed, "question")
         source = "hub:babi_qa/en-valid-10k-qa1"
-    pool_q, eval_q = pool_q[:], eval_q[:]
-    random.Random(seed).shuffle(pool_q)
-    random.Random(seed + 1).shuffle(eval_q)
-    to_example = lambda q: Example(q.x, q.answer)  # noqa: E731
-    return TaskData("babi", [to_example(q) for q in pool_q[:n_pool]], [to_example(q) for q in eval_q[:n_eval]], source)
+    return TaskData("babi", pool_rows, eval_rows, source, note)
 
 
-def load_task(name: str, seed: int = 0, n_eval: int = 50, n_pool: int = 256, data_dir: str | None = None,
+def load_task(name: str, seed: int = 0, n_eval: int = 50, data_dir: str | None = None,
               xsum_max_words: int = 150) -> TaskData:
-    """Pool and evaluation set of a task. For amazon, ``n_pool`` and ``n_eval`` are split evenly over
-    the 5 classes (pool: ``n_pool // 5`` per class, at least 128 so that k = 128 per class fits)."""
+    """Evaluation set (``n_eval`` examples, drawn with the seed) and pool (all the rest) of a task.
+    For amazon, ``n_eval`` is split evenly over the 5 classes."""
     check_task(name)
     if name == "amazon":
-        per_class_eval = max(1, n_eval // NUM_AMAZON_CLASSES)
-        return _load_amazon(seed, max(n_pool // NUM_AMAZON_CLASSES, 128), per_class_eval, data_dir)
+        return _load_amazon(seed, max(1, n_eval // NUM_AMAZON_CLASSES), data_dir)
     if name == "xsum":
-        return _load_xsum(seed, n_pool, n_eval, data_dir, xsum_max_words)
-    return _load_babi(seed, n_pool, n_eval, data_dir)
+        return _load_xsum(seed, n_eval, data_dir, xsum_max_words)
+    return _load_babi(seed, n_eval, data_dir)
 
 
 def sample_support(task: TaskData, k: int, seed: int) -> list[Example]:
@@ -213,13 +294,15 @@ def sample_support(task: TaskData, k: int, seed: int) -> list[Example]:
             by_class[int(ex.y)].append(ex)
         smallest = min((len(by_class[c]) for c in range(NUM_AMAZON_CLASSES)), default=0)
         if k > smallest:
-            raise CS330Error(f"k = {k} per class is larger than the amazon pool ({smallest} reviews in its "
-                             "smallest class); choose a smaller k")
+            where = f" ({task.pool_note})" if task.pool_note else " in its smallest class"
+            raise CS330Error(f"k={k} per class needs {k} reviews per class in the pool; the pool holds "
+                             f"{smallest}{where}; choose a smaller k")
         chosen = [ex for c in range(NUM_AMAZON_CLASSES) for ex in rng.sample(by_class[c], k)]
     else:
         if k > len(task.pool):
-            raise CS330Error(f"k = {k} is larger than the {task.name} pool ({len(task.pool)} examples); "
-                             "choose a smaller k")
+            where = f" ({task.pool_note})" if task.pool_note else ""
+            raise CS330Error(f"k={k} needs {k} {task.name} examples in the pool; the pool holds "
+                             f"{len(task.pool)}{where}; choose a smaller k")
         chosen = rng.sample(task.pool, k)
     rng.shuffle(chosen)
     return chosen

@@ -13,12 +13,15 @@ on the prompt + answer text with the loss on the answer tokens only. Modes:
 Training stops after ``--max_steps`` or once the accuracy on (up to 32 of) the support examples
 reaches ``--early_stop_acc`` (for causal LMs: the answer-token accuracy under teacher forcing), as in
 the course; ``--min_steps`` delays that check (at k = 1 a 5-example support set passes 0.75 within
-5 steps, which says little about the model).
+5 steps, which says little about the model). A NaN or infinite training loss stops the run with
+exit status 2 and no results.json. Runs keep no checkpoints (Ctrl-C saves nothing; rerun instead).
+Output: ``runs/hw3_lm_fewshot/<run name>/`` (or ``--log_dir``): hparams.json, TensorBoard, results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import time
 
@@ -26,22 +29,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import add_run_args, positive_float, positive_int
-from common.device import resolve_device
+from common.cli import non_negative_int, positive_float, positive_int, unit_interval
+from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
+from common.run import RunFolder
 from common.runlog import RunLogger, build_run_name
 from common.seeding import seed_everything
-from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, TASKS, Example, TaskData, load_task, sample_support
+from hw3_lm_fewshot.cli import (
+    FP32_BECAUSE,
+    add_common_args,
+    exits_on_interrupt,
+    load_model,
+    parse_k_list,
+    print_table,
+    run_dir_for,
+    summarize,
+)
+from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_greedy, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import (
-    MODEL_CHOICES,
-    count_parameters,
-    load_causal_lm,
-    load_classifier,
-    resolve_model,
-    transformer_blocks,
-)
+from hw3_lm_fewshot.models import count_parameters, resolve_model, transformer_blocks
 from hw3_lm_fewshot.prompts import DEFAULT_PROMPT, MAX_NEW_TOKENS, PROMPTS, answer_text, build_prompt
 
 MODE_HELP = "all, first, last, middle, loraN (N = LoRA rank, e.g. lora4, lora16)"
@@ -139,10 +146,11 @@ def lm_batch(tokenizer, task: str, prompt: str, examples: list[Example], max_len
 
 
 @torch.inference_mode()
-def support_accuracy(model, batch: dict[str, torch.Tensor], classifier: bool) -> float:
+def support_accuracy(model, batch: dict[str, torch.Tensor], classifier: bool, precision: str = "fp32") -> float:
     """Classification accuracy, or the answer-token accuracy under teacher forcing."""
     model.eval()
-    logits = model(**batch).logits
+    with autocast(batch["input_ids"].device, precision):
+        logits = model(**batch).logits
     model.train()
     if classifier:
         return (logits.argmax(-1) == batch["labels"]).float().mean().item()
@@ -152,19 +160,26 @@ def support_accuracy(model, batch: dict[str, torch.Tensor], classifier: bool) ->
     return (predicted[mask] == target[mask]).float().mean().item()
 
 
+def check_finite_loss(value: float, step: int, k: int, mode: str, seed: int, lr: float) -> None:
+    """Stop the run at the first NaN/inf loss. hw3 keeps no checkpoints, so unlike
+    :func:`common.checkpoint.ensure_finite` the message offers no ``--resume``."""
+    if not math.isfinite(value):
+        raise CS330Error(f"the training loss became {value} at step {step} (k={k}, mode {mode}, seed {seed}); "
+                         f"the run stopped and nothing was saved. Lower --lr (it was {lr:g}) or check the data, "
+                         "then rerun")
+
+
 # ---------------------------------------------------------------------------- one run
 def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Namespace,
            logger: RunLogger | None = None) -> dict:
     """Fine-tune a fresh copy of the model on k support examples, then score it on the evaluation set."""
     start = time.time()
     device = resolve_device(args.device)
+    precision, _ = resolve_precision(args.precision, device, fp32_because=FP32_BECAUSE)  # main prints why
     classifier = task.name == "amazon"
     support = sample_support(task, k, seed)
     seed_everything(seed)  # the fresh head and the batch order depend on it
-    if classifier:
-        model, tokenizer = load_classifier(spec, NUM_AMAZON_CLASSES)
-    else:
-        model, tokenizer = load_causal_lm(spec)
+    model, tokenizer = load_model(spec, classifier, NUM_AMAZON_CLASSES)
     model = apply_mode(model, mode, classifier).to(device)
     trainable, total = count_parameters(model)
     prompt = args.prompt or DEFAULT_PROMPT.get(task.name, "none")
@@ -186,79 +201,37 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
             if len(order) < args.batch_size:  # reshuffle once the epoch runs out
                 order += rng.permutation(len(support)).tolist()
             batch_ids, order = order[:args.batch_size], order[args.batch_size:]
-            loss = model(**make_batch([support[i] for i in batch_ids])).loss
+            with autocast(device, precision):
+                loss = model(**make_batch([support[i] for i in batch_ids])).loss
+            loss_value = loss.item()
+            check_finite_loss(loss_value, steps, k, mode, seed, lr)  # before the update it would poison
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if logger is not None:
-                logger.log({f"train/loss_k{k}_{mode}_s{seed}": loss.item()}, steps)
+                logger.log({f"train/loss_k{k}_{mode}_s{seed}": loss_value}, steps)
             if steps % args.eval_every == 0 or steps == args.max_steps:
-                train_acc = support_accuracy(model, check_batch, classifier)
+                train_acc = support_accuracy(model, check_batch, classifier, precision)
                 if steps >= args.min_steps and train_acc >= args.early_stop_acc:
                     break
 
     model.eval()
     references = [ex.y for ex in task.eval]
-    if classifier:
-        predictions = []
-        with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
+        if classifier:
+            predictions = []
             for i in range(0, len(task.eval), args.batch_size):
                 batch = make_batch(task.eval[i:i + args.batch_size])
                 predictions += model(**batch).logits.argmax(-1).tolist()
-    else:
-        predictions = [generate_greedy(model, tokenizer, build_prompt(task.name, prompt, [], ex.x),
-                                       MAX_NEW_TOKENS[task.name], args.max_context) for ex in task.eval]
+        else:
+            predictions = [generate_greedy(model, tokenizer, build_prompt(task.name, prompt, [], ex.x),
+                                           MAX_NEW_TOKENS[task.name], args.max_context) for ex in task.eval]
     return {
         "method": "ft", "mode": mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
         "score": score(task.name, predictions, references), "trainable_params": trainable, "total_params": total,
         "steps": steps, "support_acc": train_acc, "seconds": time.time() - start,
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
     }
-
-
-def parse_k_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k takes comma-separated integers such as 1,8,128, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"--k needs non-negative integers, got {text!r}")
-    return values
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags ft.py and icl.py share."""
-    parser.add_argument("--model", default=None,
-                        help=f"short name ({', '.join(MODEL_CHOICES)}), hub id or model folder "
-                             "(default: minilm for amazon, smollm2 otherwise)")
-    parser.add_argument("--dataset", default="amazon", help=f"one of {', '.join(TASKS)} (default: amazon)")
-    parser.add_argument("--repeats", type=positive_int, default=1,
-                        help="reruns with seeds seed, seed+1, ...: mean and std over them (default: 1)")
-    parser.add_argument("--n_eval", type=positive_int, default=50,
-                        help="evaluation examples (amazon: split evenly over the 5 classes; course: 625/125)")
-    parser.add_argument("--max_context", type=positive_int, default=None,
-                        help="cap on prompt + generated tokens (default: the model's context length)")
-    add_run_args(parser)
-
-
-def summarize(results: list[dict]) -> list[dict]:
-    """Mean and std of the score over repeats, per (method, mode/prompt, k)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["method"], r.get("mode") or r.get("prompt"), r["k"]), []).append(r)
-    return [{"method": m, "variant": v, "k": k, "mean": float(np.mean([r["score"] for r in rs])),
-             "std": float(np.std([r["score"] for r in rs])), "repeats": len(rs),
-             "trainable_params": rs[0].get("trainable_params"), "seconds": float(np.mean([r["seconds"] for r in rs]))}
-            for (m, v, k), rs in groups.items()]
-
-
-def print_table(rows: list[dict], metric: str, write=print) -> None:
-    write(f"| method | variant | k | {metric} (mean ± std) | repeats | trainable params | s/run |")
-    write("|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        params = f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "0"
-        write(f"| {r['method']} | {r['variant']} | {r['k']} | {r['mean']:.3f} ± {r['std']:.3f} | {r['repeats']} "
-              f"| {params} | {r['seconds']:.1f} |")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_steps", type=positive_int, default=100, help="step limit per run (default: 100)")
     parser.add_argument("--eval_every", type=positive_int, default=5,
                         help="steps between early-stopping checks (default: 5)")
-    parser.add_argument("--min_steps", type=int, default=0,
+    parser.add_argument("--min_steps", type=non_negative_int, default=0,
                         help="no early stop before this many steps; set it to --max_steps for a fixed "
                              "number of steps (default: 0, the course's rule)")
-    parser.add_argument("--early_stop_acc", type=float, default=0.75,
+    parser.add_argument("--early_stop_acc", type=unit_interval, default=0.75,
                         help="stop once the support accuracy reaches this (default: 0.75)")
     parser.add_argument("--max_length", type=positive_int, default=256,
                         help="token limit per training example (amazon inputs: 100 as in the course) (default: 256)")
@@ -286,25 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @cli_main
+@exits_on_interrupt
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume:
-        parser.error("--resume is not supported by ft.py: each run is short, rerun it instead")
+    args = build_parser().parse_args(argv)
     parse_mode(args.mode)
+    _, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    # everything that can fail before training fails here, before a run folder exists
     model_name = args.model or ("minilm" if args.dataset == "amazon" else "smollm2")
     spec = resolve_model(model_name)
-    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, n_pool=max(256, max(args.k)),
-                     data_dir=args.data_dir)
+    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     if args.dataset == "amazon":
         args.max_length = min(args.max_length, 100)
-    for k in args.k:  # fail before any training when a k does not fit
+    for k in args.k:
         sample_support(task, k, args.seed)
+    load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy; this one checks
     run_name = build_run_name("ft", {"model": model_name, "data": args.dataset, "mode": args.mode,
-                                     "k": "-".join(map(str, args.k)), "seed": args.seed})
+                                     "k": "-".join(map(str, args.k)), "prec": args.precision, "seed": args.seed})
+    run_dir = run_dir_for(args, run_name)
     results = []
-    with RunLogger.for_homework("hw3", run_name, vars(args), log_dir=args.log_dir,
-                                total_steps=len(args.k) * args.repeats, desc="ft") as logger:
+    with RunFolder.open(run_dir, vars(args)) as run, \
+            run.logger(total_steps=len(args.k) * args.repeats, desc="ft") as logger:
         for k in args.k:
             for repeat in range(args.repeats):
                 results.append(run_ft(spec, task, k, args.mode, args.seed + repeat, args, logger))
@@ -312,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         table = summarize(results)
         logger.finish({"runs": results, "summary": table, "data_source": task.source})
     print_table(table, TASK_METRIC[args.dataset])
-    print(f"results: {logger.run_dir / 'results.json'}")
+    print(f"results: {run_dir / 'results.json'}")
     return results
 
 

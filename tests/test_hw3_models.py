@@ -7,6 +7,7 @@ de-quantizes the SmolLM2 GGUF file once (~20 s) into data/models/; later runs lo
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 import warnings
 from pathlib import Path
@@ -15,12 +16,14 @@ import pytest
 import torch
 from torch import nn
 
+from hw3_lm_fewshot import ft
 from hw3_lm_fewshot.data import Example, TaskData, parse_babi
 from hw3_lm_fewshot.ft import apply_mode, build_parser, lora_target_regex, run_ft, selected_blocks
 from hw3_lm_fewshot.generation import PromptTruncatedWarning, generate_greedy
 from hw3_lm_fewshot.icl import run_icl
 from hw3_lm_fewshot.metrics import TASK_METRIC
 from hw3_lm_fewshot.models import count_parameters, load_causal_lm, load_classifier, resolve_model, transformer_blocks
+from tests.test_hw3_unit import write_tiny_data
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -184,3 +187,70 @@ def test_long_prompt_is_truncated_with_a_warning(smollm2):
         with pytest.warns(PromptTruncatedWarning, match="from the left"):
             text = generate_greedy(model, tokenizer, prompt, max_new_tokens=4, max_context=40)
     assert isinstance(text, str)
+
+
+def ft_cli(data: Path, *extra: str) -> list[str]:
+    return ["--model", "minilm", "--dataset", "amazon", "--data_dir", str(data), "--n_eval", "5", "--k", "1",
+            "--device", "cpu", "--threads", "1", *extra]
+
+
+@needs_minilm
+def test_ft_main_writes_results_under_the_homework_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CS330_RUNS_DIR", str(tmp_path / "runs"))
+    ft.main(ft_cli(write_tiny_data(tmp_path / "data"), "--max_steps", "1", "--mode", "last"))
+    run_dir = tmp_path / "runs" / "hw3_lm_fewshot" / "ft_modelminilm_dataamazon_modelast_k1_precfp32_seed0"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["hparams"]["precision"] == "fp32" and saved["metrics"]["runs"][0]["steps"] == 1
+    assert capsys.readouterr().out.startswith("precision: fp32 (bf16 for the hw3 language models is not yet measured")
+
+
+@needs_minilm
+def test_nan_loss_stops_ft_with_exit_2_and_no_results(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ft_cli(write_tiny_data(tmp_path / "data"), "--max_steps", "5", "--min_steps", "5", "--eval_every", "1",
+                  "--lr", "1e6", "--log_dir", str(run_dir))
+    with pytest.raises(SystemExit) as info:
+        ft.main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1
+    assert re.match(r"error: the training loss became (nan|inf|-inf) at step \d \(k=1, mode all, seed 0\); the run "
+                    r"stopped and nothing was saved\. Lower --lr \(it was 1e\+06\)", errors[0]), errors[0]
+    assert run_dir.is_dir() and not (run_dir / "results.json").exists()
+
+
+def record_output_dtypes(module: nn.Module, seen: list) -> None:
+    module.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+
+
+@needs_minilm
+def test_bf16_autocasts_training_and_evaluation_forwards(monkeypatch):
+    seen: list = []
+    load = ft.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        record_output_dtypes(model.classifier, seen)
+        return model, tokenizer
+
+    monkeypatch.setattr(ft, "load_model", load_and_watch)
+    reviews = ["awful", "poor", "fine", "good", "excellent"]
+    task = TaskData("amazon", [Example(t, c) for c, t in enumerate(reviews)], [Example("ok", 2)], "hand-made")
+    args = tiny_args("--eval_every", "1", "--min_steps", "2", "--bf16")
+    result = run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=args)
+    # 2 training steps + 2 support checks + 1 evaluation batch, all in bf16
+    assert result["steps"] == 2 and seen == [torch.bfloat16] * 5
+
+
+@needs_smollm2
+def test_bf16_autocasts_icl_generation(smollm2):
+    model, tokenizer = smollm2
+    seen: list = []
+    record_output_dtypes(model.lm_head, seen)
+    try:
+        run_icl(model, tokenizer, fixture_task(), k=1, prompt="qa", seed=0, precision="bf16")
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        run_icl(model, tokenizer, fixture_task(), k=1, prompt="qa", seed=0)
+        assert seen and set(seen) == {torch.float32}
+    finally:
+        model.lm_head._forward_hooks.clear()
