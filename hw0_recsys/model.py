@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -78,7 +79,12 @@ def implicit_matrix(users: torch.Tensor, items: torch.Tensor, num_users: int, nu
     pairs = torch.unique(torch.stack([users, items]), dim=1)  # [2, nnz], duplicates dropped
     counts = torch.bincount(pairs[0], minlength=num_users).clamp(min=1).float()
     values = counts[pairs[0]].rsqrt()
-    return torch.sparse_coo_tensor(pairs, values, (num_users, num_items), check_invariants=True).to_sparse_csr()
+    matrix = torch.sparse_coo_tensor(pairs, values, (num_users, num_items), check_invariants=True)
+    with warnings.catch_warnings():
+        # torch notes once per process that sparse CSR is "in beta"; the one product used here
+        # (torch.sparse.mm, forward and backward) is covered by the tests, so the note is noise.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return matrix.to_sparse_csr()
 
 
 def _penalty_weights(counts: torch.Tensor, exponent: float) -> torch.Tensor:

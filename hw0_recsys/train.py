@@ -8,6 +8,11 @@
 
 Each run writes TensorBoard logs, checkpoints and results.json to runs/hw0_recsys/<run name>
 (or --log_dir); --resume continues a killed run from its last checkpoint with identical results.
+Every flag of a resumed run must equal the run's, except the run length and intervals
+(--num_epochs, --eval_every, --checkpoint_every), --save_predictions, --device and --threads; as
+--num_epochs is part of the run name, extending a run goes through an explicit --log_dir:
+  python hw0_recsys/train.py --num_epochs 5 --log_dir runs/hw0_recsys/mine
+  python hw0_recsys/train.py --num_epochs 10 --log_dir runs/hw0_recsys/mine --resume
 With --val_fraction > 0 a slice of the training ratings is held out and all metrics are computed
 on it instead of the test set, so hyper-parameters can be chosen without looking at the test data.
 """
@@ -15,25 +20,18 @@ on it instead of the test set, so hyper-parameters can be chosen without looking
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import (
-    capture_rng_state,
-    ensure_finite,
-    load_checkpoint,
-    refuse_existing_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
-from common.cli import add_run_args, positive_float, positive_int
-from common.device import resolve_device
+from common.checkpoint import capture_rng_state, restore_rng_state
+from common.cli import add_run_args, non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
+from common.device import autocast, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
-from common.runlog import RunLogger, build_run_name, runs_root
+from common.run import RunFolder
+from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
 from hw0_recsys.data import SPLIT_CHOICES, Ratings, holdout, interaction_matrix, load_split
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
@@ -49,13 +47,10 @@ MODEL_DEFAULTS = {
     "autorec": {"embedding_dim": 300, "num_epochs": 100, "batch_size": 0, "lr": 0.01},
 }
 FULL_BATCH_MODELS = ("svdpp", "autorec")
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
+# Flags a --resume may change (besides common.cli.RUN_ONLY_FLAGS): the run length, the intervals and
+# whether the final predictions are saved. Every other flag must equal the run's.
+RESUMABLE_FLAGS = ("num_epochs", "eval_every", "checkpoint_every", "save_predictions")
+FP32_BECAUSE = "hw0's models are small embedding/MLP models; bf16 was not measured faster"
 
 
 def layer_sizes(text: str) -> list[int]:
@@ -75,14 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "autorec: the I-AutoRec rating model")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="random",
                         help="random: 95/5 random split of u.data (the course's); u1..u5/ua/ub: official folds")
-    parser.add_argument("--test_fraction", type=float, default=0.05, help="test share of the random split")
-    parser.add_argument("--val_fraction", type=float, default=0.0,
+    parser.add_argument("--test_fraction", type=unit_interval, default=0.05, help="test share of the random split")
+    parser.add_argument("--val_fraction", type=unit_interval, default=0.0,
                         help="if > 0, hold out this share of the training ratings and evaluate on it, not on test")
     parser.add_argument("--embedding_dim", type=positive_int, default=None,
                         help="factors per user/item, or autorec's hidden units (32 | 50 | 300)")
     parser.add_argument("--num_epochs", type=positive_int, default=None,
                         help="passes over the training ratings (multitask 10; svdpp 300, autorec 100 full-batch steps)")
-    parser.add_argument("--batch_size", type=int, default=None, help="ratings per step; 0 = full batch (256 | 0)")
+    parser.add_argument("--batch_size", type=non_negative_int, default=None,
+                        help="ratings per step; 0 = full batch (256 | 0)")
     parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (1e-3 | 0.01 | 0.01)")
     mt = parser.add_argument_group("multitask model")
     mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
@@ -121,12 +117,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.batch_size < 0:
-        parser.error(f"--batch_size must be positive (or 0 for full batch), got {args.batch_size}")
-    if not 0.0 < args.test_fraction < 1.0:
+    if args.test_fraction in (0.0, 1.0):
         parser.error(f"--test_fraction must be strictly between 0 and 1, got {args.test_fraction}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        parser.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.val_fraction == 1.0:
+        parser.error("--val_fraction must be below 1: nothing would be left to train on")
+    if args.implicit_from_test and args.model != "svdpp":
+        parser.error("--implicit_from_test only applies to --model svdpp")
+    if args.precision == "bf16" and args.model == "svdpp":
+        parser.error("--precision bf16: SVD++'s sparse N(u) product (torch.sparse.mm) has no bf16 CPU kernel "
+                     "and bf16 was not measured for it elsewhere; train it in fp32")
     if args.model == "multitask" and args.factorization_weight + args.regression_weight == 0:
         parser.error("--factorization_weight and --regression_weight are both 0: nothing would be trained")
     full_batch = args.model in FULL_BATCH_MODELS and args.batch_size == 0
@@ -135,8 +134,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def resolved_precision(requested: str) -> str:
+    """The precision a run uses. hw0's ``auto`` is fp32 on every device (``FP32_BECAUSE``), so it is
+    known from the flags alone, and ``run_hparams(parse_args(argv))`` equals the stored hparams
+    (``experiments.py`` reuses a finished run by that comparison); the device is never consulted."""
+    return resolve_precision(requested, torch.device("cpu"), fp32_because=FP32_BECAUSE)[0]
+
+
 def run_hparams(args: argparse.Namespace) -> dict:
-    """Every flag that changes the result, in the run name's order."""
+    """Every flag of the run, by name, as hparams.json stores it and ``--resume`` compares it: the
+    resolved precision replaces the requested one, and ``--resume`` itself is no property of a run."""
+    hparams = {key: value for key, value in vars(args).items() if key != "resume"}
+    return {**hparams, "precision": resolved_precision(args.precision)}
+
+
+def run_name_parts(args: argparse.Namespace) -> dict:
+    """The flags that change the result, in the run name's order."""
     common = {"split": args.split, "dim": args.embedding_dim, "ep": args.num_epochs, "bs": args.batch_size,
               "lr": args.lr}
     if args.split == "random":
@@ -154,7 +167,7 @@ def run_hparams(args: argparse.Namespace) -> dict:
             specific["nutest"] = 1
     else:
         specific = {"reg": args.autorec_reg}
-    return {**common, **specific, "seed": args.seed}
+    return {**common, **specific, "prec": resolved_precision(args.precision), "seed": args.seed}
 
 
 def build_model(args: argparse.Namespace, train: Ratings, num_users: int, num_items: int,
@@ -201,6 +214,28 @@ def training_losses(args: argparse.Namespace, model: torch.nn.Module, batch: Rat
     return {"loss": loss, "factorization_loss": factorization, "regression_loss": regression}
 
 
+def train_epoch(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                train: Ratings, generator: torch.Generator, device: torch.device, precision: str) -> dict[str, float]:
+    """One pass over the training ratings; returns each loss averaged over the batches (``train/<name>``)."""
+    batch_size = args.batch_size or len(train)
+    order = torch.randperm(len(train), generator=generator).to(device) if batch_size < len(train) else None
+    sums: dict[str, torch.Tensor] = {}
+    num_batches = 0
+    for start in range(0, len(train), batch_size):
+        batch = train if order is None else train.subset(order[start:start + batch_size])
+        with autocast(device, precision):  # a no-op unless --precision bf16
+            losses = training_losses(args, model, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        for key, value in losses.items():
+            # Summed as detached fp32 tensors: float() of a tensor that requires grad warns, and a
+            # float() per batch would wait for the GPU at every step.
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        num_batches += 1
+    return {f"train/{key}": float(total) / num_batches for key, total in sums.items()}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: int, num_items: int,
              predictions_path: Path | None = None) -> dict:
@@ -227,23 +262,15 @@ def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: i
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    # The data and the model first: whatever fails on bad input fails before a run folder exists.
     split = load_split(args.split, args.data_dir, args.test_fraction)
     train, evaluation, eval_name = split.train, split.test, "test"
     if args.val_fraction > 0:
         train, evaluation = holdout(train, args.val_fraction, VAL_SPLIT_SEED)
         eval_name = "val"
-
-    hparams = {"model": args.model, **run_hparams(args)}
-    run_name = build_run_name(args.model, run_hparams(args))
-    run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
-    if not args.resume:
-        refuse_existing_checkpoints(run_dir)
-
     rated = None
     if args.implicit_from_test:
-        if args.model != "svdpp":
-            raise CS330Error("--implicit_from_test only applies to --model svdpp")
         # Who rated what, over the whole split: ids of the test pairs, never their ratings.
         rated = Ratings(torch.cat([split.train.users, split.test.users]), torch.cat([split.train.items,
                         split.test.items]), torch.zeros(len(split.train) + len(split.test)))
@@ -253,58 +280,44 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.weight_decay if args.model == "multitask" else 0.0)
     generator = torch.Generator().manual_seed(args.seed)  # data order and negative samples
-    start_epoch = 0
-    if args.resume:
-        saved_path = run_dir / "hparams.json"
-        saved_hparams = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-        if saved_hparams and saved_hparams != json.loads(json.dumps(hparams)):
-            raise CS330Error(f"--resume: the flags differ from those of the run in {run_dir} "
-                             f"(saved {saved_hparams}); rerun with the same flags")
-        state = load_checkpoint(run_dir, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        restore_rng_state(state["rng"])
-        start_epoch = state["step"]
 
-    batch_size = args.batch_size or len(train)
-    logger = RunLogger(run_dir, hparams, start_step=start_epoch, total_steps=args.num_epochs, desc=run_name)
-    logger.write(f"{args.model}: {len(train)} training and {len(evaluation)} {eval_name} ratings on {device}")
-    started = time.perf_counter()
-    for epoch in range(start_epoch + 1, args.num_epochs + 1):
-        order = torch.randperm(len(train), generator=generator).to(device) if batch_size < len(train) else None
-        sums: dict[str, float] = {}
-        num_batches = 0
-        for start in range(0, len(train), batch_size):
-            batch = train if order is None else train.subset(order[start:start + batch_size])
-            losses = training_losses(args, model, batch, generator)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            num_batches += 1
-        epoch_losses = {f"train/{key}": value / num_batches for key, value in sums.items()}
-        ensure_finite(epoch_losses["train/loss"], epoch, run_dir)
-        logger.log(epoch_losses, epoch)
-        if epoch % args.eval_every == 0 or epoch == args.num_epochs:
-            metrics = evaluate(model, train, evaluation, split.num_users, split.num_items)
-            logger.log({f"{eval_name}/{key}": value for key, value in metrics.items()}, epoch)
-            logger.advance(epoch, loss=epoch_losses["train/loss"], mrr=metrics["mrr"], rmse=metrics["rmse"])
-        else:
-            logger.advance(epoch, loss=epoch_losses["train/loss"])
-        if epoch % args.checkpoint_every == 0 or epoch == args.num_epochs:
-            save_checkpoint(run_dir, epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "generator": generator.get_state(), "rng": capture_rng_state()},
-                            keep_last=2)
+    run_name = build_run_name(args.model, run_name_parts(args))
+    run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
+    with RunFolder.open(run_dir, run_hparams(args), resume=args.resume, resumable=RESUMABLE_FLAGS) as run:
+        start_epoch = 0
+        state = run.resume_state(map_location=device)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            restore_rng_state(state["rng"])
+            start_epoch = state["step"]
+        if start_epoch > args.num_epochs:  # the results would be those of a longer run than the flags say
+            raise CS330Error(f"{run_dir} is already at epoch {start_epoch}, past --num_epochs {args.num_epochs}; "
+                             f"pass --num_epochs {start_epoch} or more to continue it")
+        with run.logger(start_epoch, args.num_epochs, desc=run_name) as logger:
+            logger.write(f"{args.model}: {len(train)} training and {len(evaluation)} {eval_name} ratings on {device}")
+            started = time.perf_counter()
+            for epoch in range(start_epoch + 1, args.num_epochs + 1):
+                epoch_losses = train_epoch(args, model, optimizer, train, generator, device, precision)
+                run.check_loss(epoch_losses["train/loss"], epoch)
+                logger.log(epoch_losses, epoch)
+                if epoch % args.eval_every == 0 or epoch == args.num_epochs:
+                    metrics = evaluate(model, train, evaluation, split.num_users, split.num_items)
+                    logger.log({f"{eval_name}/{key}": value for key, value in metrics.items()}, epoch)
+                    logger.advance(epoch, loss=epoch_losses["train/loss"], mrr=metrics["mrr"], rmse=metrics["rmse"])
+                else:
+                    logger.advance(epoch, loss=epoch_losses["train/loss"])
+                if epoch % args.checkpoint_every == 0 or epoch == args.num_epochs:
+                    run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "generator": generator.get_state(), "rng": capture_rng_state()}, keep_last=2)
 
-    metrics = evaluate(model, train, evaluation, split.num_users, split.num_items,
-                       run_dir / "predictions.pt" if args.save_predictions else None)
-    results = {f"{eval_name}/{key}": value for key, value in metrics.items()}
-    results["train_seconds"] = time.perf_counter() - started  # this session only, if resumed
-    logger.finish(results)
-    logger.write(" ".join(f"{key}={value:.4f}" for key, value in results.items()) + f"  ({run_dir})")
-    logger.close()
+            metrics = evaluate(model, train, evaluation, split.num_users, split.num_items,
+                               run_dir / "predictions.pt" if args.save_predictions else None)
+            results = {f"{eval_name}/{key}": value for key, value in metrics.items()}
+            results["train_seconds"] = time.perf_counter() - started  # this session only, if resumed
+            logger.finish(results)
+            logger.write(" ".join(f"{key}={value:.4f}" for key, value in results.items()) + f"  ({run_dir})")
     return results
 
 

@@ -9,16 +9,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from common.checkpoint import list_checkpoints, non_finite_tensors
 from common.errors import CS330Error
+from common.run import RunFolder
 from hw0_recsys import train as train_script
 from hw0_recsys.data import Ratings, holdout, load_split, read_ratings
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
 from hw0_recsys.model import MultiTaskNet
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "hw0_recsys" / "train.py"
 
 
 def write_synthetic_ml100k(root, num_users: int = 40, num_items: int = 60, per_user: int = 25) -> None:
@@ -50,6 +60,10 @@ def train_args(data_dir, log_dir, *extra: str) -> list[str]:
 
 def metrics_only(results: dict) -> dict:
     return {key: value for key, value in results.items() if key != "train_seconds"}
+
+
+def script_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------- parsing and splits
@@ -187,7 +201,7 @@ def test_factorization_losses_match_their_formulas():
                     "bpr": -torch.log(torch.sigmoid(positive - negative)).mean(),
                     "pointwise": (1 - torch.sigmoid(positive) + torch.sigmoid(negative)).mean()}
         losses = train_script.training_losses(args, model, batch, generator)
-        assert float(losses["factorization_loss"]) == pytest.approx(float(expected[loss_name]), rel=1e-5)
+        assert losses["factorization_loss"].item() == pytest.approx(expected[loss_name].item(), rel=1e-5)
 
 
 def test_implicit_from_test_adds_test_items_to_n_u_but_not_their_ratings(synthetic_dir, tmp_path):
@@ -224,50 +238,224 @@ def test_resume_after_a_kill_gives_identical_final_metrics(synthetic_dir, tmp_pa
     flags = ("--num_epochs", "4", "--checkpoint_every", "1", "--eval_every", "1", *model_flags)
     uninterrupted = train_script.main(train_args(synthetic_dir, tmp_path / "full", *flags))
 
-    real_save = train_script.save_checkpoint
+    real_save = RunFolder.save
 
-    def save_then_die(run_dir, step, state, keep_last=None):
-        path = real_save(run_dir, step, state, keep_last)
+    def save_then_die(run, step, state, keep_last=None):
+        path = real_save(run, step, state, keep_last)
         if step == 2:
             raise SimulatedKill  # dies right after the epoch-2 checkpoint, before epoch 3 starts
         return path
 
-    monkeypatch.setattr(train_script, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(RunFolder, "save", save_then_die)
     with pytest.raises(SimulatedKill):
         train_script.main(train_args(synthetic_dir, tmp_path / "killed", *flags))
-    monkeypatch.setattr(train_script, "save_checkpoint", real_save)
+    monkeypatch.setattr(RunFolder, "save", real_save)
     torch.manual_seed(12345)  # a restarted process has fresh global RNG state; resume must restore it
     resumed = train_script.main(train_args(synthetic_dir, tmp_path / "killed", *flags, "--resume"))
     assert metrics_only(resumed) == metrics_only(uninterrupted)
 
 
+# ---------------------------------------------------------------- resume rules
+
+def test_resume_extends_num_epochs_and_refuses_other_changed_flags(synthetic_dir, tmp_path, capsys):
+    flags = ("--batch_size", "64", "--lr", "0.01")
+    straight = train_script.main(train_args(synthetic_dir, tmp_path / "straight", *flags, "--num_epochs", "5"))
+    run_dir = tmp_path / "extended"
+    train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "3"))
+    # The run length, the intervals and --save_predictions may change on --resume.
+    extended = train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "5", "--resume",
+                                            "--eval_every", "2", "--save_predictions"))
+    assert metrics_only(extended) == metrics_only(straight)  # epochs 4 and 5 continued from epoch 3
+    assert len(scalar_curve(run_dir, "train/loss")) == 5
+    assert json.loads((run_dir / "hparams.json").read_text())["num_epochs"] == 5
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(synthetic_dir, run_dir, "--batch_size", "64", "--lr", "0.02",
+                                     "--num_epochs", "6", "--resume"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--lr 0.01 -> 0.02" in err and "num_epochs" not in err.split("(")[1]
+    assert max(list_checkpoints(run_dir)) == 5  # refused before any work
+    with pytest.raises(SystemExit):  # shorter than the run already is
+        train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "4", "--resume"))
+    assert "already at epoch 5, past --num_epochs 4" in capsys.readouterr().err
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(synthetic_dir, tmp_path, capsys):
+    flags = ("--batch_size", "64", "--checkpoint_every", "1")
+    straight = train_script.main(train_args(synthetic_dir, tmp_path / "straight", *flags, "--num_epochs", "4"))
+    run_dir = tmp_path / "run"
+    train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "3"))
+    latest = list_checkpoints(run_dir)[3]
+    latest.write_bytes(latest.read_bytes()[:100])  # a copy cut short
+    capsys.readouterr()
+    resumed = train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "4", "--resume"))
+    err = capsys.readouterr().err
+    assert "warning" in err and str(latest) in err
+    assert metrics_only(resumed) == metrics_only(straight)  # continued from the epoch-2 checkpoint
+
+
+def test_resume_without_checkpoint_starts_fresh_with_a_note(synthetic_dir, tmp_path, capsys):
+    results = train_script.main(train_args(synthetic_dir, tmp_path / "empty", "--num_epochs", "1", "--resume"))
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "starting the run fresh" in err and "--test" not in err
+    assert (tmp_path / "empty" / "results.json").exists() and 0 < results["test/mrr"] <= 1
+
+
+def test_rerun_over_existing_checkpoints_is_refused_without_a_test_hint(synthetic_dir, tmp_path, capsys):
+    flags = ("--num_epochs", "1", "--batch_size", "64")
+    train_script.main(train_args(synthetic_dir, tmp_path / "done", *flags))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(synthetic_dir, tmp_path / "done", *flags))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--resume" in err and "--test" not in err
+
+
+# ---------------------------------------------------------------- run folder lifecycle
+
+def assert_no_results_and_no_poisoned_checkpoint(run_dir: Path) -> None:
+    assert not (run_dir / "results.json").exists()
+    for path in list_checkpoints(run_dir).values():
+        assert not non_finite_tensors(torch.load(path, weights_only=True)["model"])
+
+
+def test_huge_lr_exits_2_without_a_poisoned_checkpoint_or_results(synthetic_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:  # the loss overflows within the first epoch
+        train_script.main(train_args(synthetic_dir, run_dir, "--num_epochs", "3", "--lr", "1e30", "--batch_size", "64"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "the training loss became" in err and "Lower the learning rate" in err
+    assert_no_results_and_no_poisoned_checkpoint(run_dir)
+
+
+def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(synthetic_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    # Adam moves a weight by about lr per step, so a finite --lr cannot make the weights inf while the
+    # loss that produced them is finite; an epoch that does (an overflow in a gradient) is simulated.
+    real_epoch = train_script.train_epoch
+
+    def poisoned_epoch(args, model, *rest):
+        losses = real_epoch(args, model, *rest)
+        if len(list_checkpoints(tmp_path / "run")) == 2:
+            with torch.no_grad():
+                model.item_biases.weight[0] = float("inf")
+        return losses
+
+    monkeypatch.setattr(train_script, "train_epoch", poisoned_epoch)
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(synthetic_dir, tmp_path / "run", "--num_epochs", "5", "--batch_size", "64"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "the weights became non-finite by step 3" in err
+    assert "the last good checkpoint (step 2) is kept" in err
+    assert sorted(list_checkpoints(tmp_path / "run")) == [1, 2]
+    assert_no_results_and_no_poisoned_checkpoint(tmp_path / "run")
+
+
+def test_second_run_on_the_same_folder_is_refused_naming_the_first(synthetic_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = train_args(synthetic_dir, run_dir, "--num_epochs", "100000", "--batch_size", "64",
+                       "--eval_every", "100000", "--checkpoint_every", "100000")
+    first = subprocess.Popen([sys.executable, str(SCRIPT), *flags], env=script_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "hparams.json").exists():  # written after the lock is taken
+            assert first.poll() is None and time.time() < deadline, "the first run did not start"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, str(SCRIPT), *flags], env=script_env(), capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2
+        assert "in use by another run" in second.stderr and f"process {first.pid}" in second.stderr
+        assert first.poll() is None  # the first run is unharmed
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    # The kernel drops the lock of a killed process: a resume is not refused (num_epochs may change).
+    resumed = train_script.main([*flags, "--num_epochs", "1", "--resume"])
+    assert 0 < resumed["test/mrr"] <= 1
+
+
+def test_read_only_log_dir_is_a_one_line_error(synthetic_dir, tmp_path, monkeypatch, capsys):
+    real_touch = Path.touch
+
+    def read_only_touch(path, *args, **kwargs):  # as root every folder is writable: simulate EROFS
+        if path.name.startswith(".write-test"):
+            raise OSError(30, "Read-only file system")
+        return real_touch(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "touch", read_only_touch)
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(synthetic_dir, tmp_path / "run", "--num_epochs", "1"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.strip().splitlines() == [f"error: cannot write the run folder {tmp_path / 'run'} (Read-only file "
+                                        "system); pass --log_dir with a writable folder"]
+
+
+def test_bad_data_fails_before_the_run_folder_exists(tmp_path, capsys):
+    (tmp_path / "data" / "ml-100k").mkdir(parents=True)
+    (tmp_path / "data" / "ml-100k" / "u.data").write_text("1\t2\tthree\t4\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(tmp_path / "data", tmp_path / "run", "--num_epochs", "1"))
+    assert exit_info.value.code == 2 and "error" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_clean_runs_print_no_warnings(synthetic_dir, tmp_path):
+    # A fresh process: torch warns once per process, so an earlier test could hide a warning here.
+    runs = [train_args(synthetic_dir, tmp_path / model, "--model", model, "--num_epochs", "2", "--embedding_dim", "4")
+            for model in ("multitask", "svdpp", "autorec")]
+    code = "; ".join(["from hw0_recsys.train import main", *(f"main({argv!r})" for argv in runs)])
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Warning" not in done.stderr
+
+
+def test_precision_is_printed_and_recorded(synthetic_dir, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        train_script.main(train_args(synthetic_dir, tmp_path / "fp32", "--num_epochs", "1", "--threads", "1"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert "precision: fp32 (hw0's models are small embedding/MLP models; bf16 was not measured faster)" in (
+        capsys.readouterr().out)
+    assert json.loads((tmp_path / "fp32" / "hparams.json").read_text())["precision"] == "fp32"
+    bf16 = train_script.main(train_args(synthetic_dir, tmp_path / "bf16", "--num_epochs", "1", "--bf16"))
+    assert "precision: bf16 (as requested)" in capsys.readouterr().out and math.isfinite(bf16["test/rmse"])
+    assert json.loads((tmp_path / "bf16" / "hparams.json").read_text())["precision"] == "bf16"
+    default_args = train_script.parse_args([])
+    name = train_script.build_run_name("multitask", train_script.run_name_parts(default_args))
+    assert "_precfp32_" in name
+    assert train_script.run_hparams(default_args)["precision"] == "fp32"
+
+
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("flags", [
-    ["--factorization_weight", "-1"],
-    ["--factorization_weight", "0", "--regression_weight", "0"],
-    ["--layer_sizes", "96,x"],
-    ["--val_fraction", "1.5"],
-    ["--test_fraction", "0"],
-    ["--batch_size", "-3"],
-    ["--split", "u9"],
-    ["--num_epochs", "0"],
-    ["--model", "svdpp", "--autorec_reg", "-1"],
-    ["--factorization_loss", "hinge"],
+@pytest.mark.parametrize("flags, message", [
+    (["--factorization_weight", "-1"], "non-negative"),
+    (["--factorization_weight", "0", "--regression_weight", "0"], "nothing would be trained"),
+    (["--layer_sizes", "96,x"], "comma-separated"),
+    (["--val_fraction", "1.5"], "between 0 and 1"),
+    (["--val_fraction", "1"], "below 1"),
+    (["--val_fraction", "nan"], "finite"),
+    (["--test_fraction", "0"], "strictly between 0 and 1"),
+    (["--test_fraction", "inf"], "finite"),
+    (["--batch_size", "-3"], "non-negative integer"),
+    (["--split", "u9"], "invalid choice"),
+    (["--num_epochs", "0"], "positive integer"),
+    (["--model", "svdpp", "--autorec_reg", "-1"], "non-negative"),
+    (["--factorization_loss", "hinge"], "invalid choice"),
+    (["--lr", "inf"], "finite"),
+    (["--lr", "nan"], "finite"),
+    (["--weight_decay", "inf"], "finite"),
+    (["--reg_exponent", "nan"], "finite"),
+    (["--implicit_from_test"], "only applies to --model svdpp"),
+    (["--model", "svdpp", "--bf16"], "no bf16"),
 ])
-def test_bad_flags_are_refused(flags, capsys):
+def test_bad_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_script.main(flags)
     assert exit_info.value.code == 2
-    assert "error" in capsys.readouterr().err
-
-
-def test_resume_without_checkpoint_and_overwrite_are_refused(synthetic_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_script.main(train_args(synthetic_dir, tmp_path / "empty", "--resume"))
-    assert exit_info.value.code == 2 and "no checkpoint" in capsys.readouterr().err
-    flags = ("--num_epochs", "1", "--batch_size", "64")
-    train_script.main(train_args(synthetic_dir, tmp_path / "done", *flags))
-    with pytest.raises(SystemExit):
-        train_script.main(train_args(synthetic_dir, tmp_path / "done", *flags))
-    assert "--resume" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
