@@ -10,7 +10,11 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
+
 from common.device import DEVICE_CHOICES, PRECISION_CHOICES
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def finite_float(text: str) -> float:
@@ -20,6 +24,8 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if abs(value) > FLOAT32_MAX:  # finite in Python, but inf once the optimizer casts it to float32
+        raise argparse.ArgumentTypeError(f"must be a finite float32 number (|x| <= {FLOAT32_MAX:.3g}), got {text}")
     return value
 
 

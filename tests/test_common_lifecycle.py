@@ -21,7 +21,8 @@ from common.run import RunFolder
 
 def test_validators_refuse_inf_nan_and_junk():
     for validator, text in ((finite_float, "inf"), (positive_float, "nan"), (positive_float, "-inf"),
-                            (positive_float, "0"), (positive_int, "1.5"), (finite_float, "abc")):
+                            (positive_float, "0"), (positive_float, "1e39"), (positive_int, "1.5"),
+                            (finite_float, "abc")):
         with pytest.raises(argparse.ArgumentTypeError):
             validator(text)
     assert positive_float("1e-3") == 1e-3 and positive_int("3") == 3

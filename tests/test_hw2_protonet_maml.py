@@ -78,14 +78,6 @@ def test_anil_meta_gradient_matches_its_plain_loop(steps, learn_lrs, first_order
         torch.testing.assert_close(fast[key], slow[key], atol=1e-6, rtol=0)
 
 
-def test_anil_body_normalizes_each_task_on_its_own():
-    body = ANIL(num_way=3, hidden_channels=4, seed=0).double().body
-    images = tiny_episodes(batch=3).query_images  # [3, 6, 1, 8, 8]
-    one_pass = body(images)
-    for b in range(3):
-        torch.testing.assert_close(one_pass[b], body(images[b:b + 1])[0])
-
-
 def test_maml_inner_loop_stays_float32_under_bf16_autocast():
     model = MAML(num_way=3, num_inner_steps=2, inner_lr=0.1, hidden_channels=4, seed=0)
     episodes = tiny_episodes()
