@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,6 +70,22 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
+
+
+def int_list(minimum: int, example: str) -> Callable[[str], list[int]]:
+    """An argparse type for comma-separated integers ``>= minimum``, e.g. ``int_list(1, "96,64")``."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers like {example}, "
+                                             f"got {text!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {minimum} like {example}, "
+                                             f"got {text!r}")
+        return values
+
+    return parse
 
 
 # Flags that never change what a run computes: they may differ between a run and its --resume.

@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import capture_rng_state, restore_rng_state
-from common.cli import add_run_args, non_negative_float, non_negative_int, positive_float, positive_int, unit_interval
+from common.cli import (
+    add_run_args,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from common.device import autocast, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
 from common.run import RunFolder
@@ -53,16 +61,6 @@ RESUMABLE_FLAGS = ("num_epochs", "eval_every", "checkpoint_every", "save_predict
 FP32_BECAUSE = "hw0's models are small embedding/MLP models; bf16 was not measured faster"
 
 
-def layer_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 96,64, got {text!r}") from None
-    if not sizes or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive comma-separated layer widths like 96,64, got {text!r}")
-    return sizes
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("multitask", "svdpp", "autorec"), default="multitask",
@@ -85,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight of the interaction (ranking) loss")
     mt.add_argument("--regression_weight", type=non_negative_float, default=0.5, help="weight of the rating loss")
     mt.add_argument("--no_embedding_sharing", action="store_true", help="give the rating head its own embeddings")
-    mt.add_argument("--layer_sizes", type=layer_sizes, default=[96, 64], help="MLP widths of the rating head")
+    mt.add_argument("--layer_sizes", type=int_list(1, "96,64"), default=[96, 64], help="MLP widths of the rating head")
     mt.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="Adam L2 weight decay")
     mt.add_argument("--factorization_loss", choices=("course", "bpr", "pointwise"), default="course",
                     help="course: 1 - sigmoid(pos - neg) (the course's and Spotlight's bpr_loss); "

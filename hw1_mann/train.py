@@ -9,39 +9,42 @@ Every ``--eval_freq`` steps one meta-batch of validation tasks and one of test t
 (TensorBoard ``val/*`` and ``test/*``) and a checkpoint is written; at the end the final model is
 scored on ``--num_test_tasks`` test tasks (mean query accuracy with its 95% interval, and accuracy
 by instance number) and everything goes to ``results.json`` in the run folder.
+
+The run folder follows ``common.run.RunFolder``: one run at a time per folder, ``--resume`` only
+with the run's flags (``--train_steps``, ``--eval_freq`` and ``--num_test_tasks`` may change), the
+loss checked for NaN/inf at every step, and no checkpoint ever written with non-finite weights.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from common.checkpoint import (
-    capture_rng_state,
-    ensure_finite,
-    load_checkpoint,
-    refuse_existing_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
+from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from common.cli import add_run_args, positive_float, positive_int
-from common.device import resolve_device
-from common.errors import CS330Error, cli_main
+from common.device import autocast, resolve_device, resolve_precision, setup_compute
+from common.errors import cli_main
 from common.omniglot import OmniglotStore
-from common.runlog import RunLogger, build_run_name, runs_root
+from common.run import RunFolder
+from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
 from hw1_mann.data import SequenceSampler, check_task_shape
 from hw1_mann.evaluate import evaluate
 from hw1_mann.models import build_model, query_loss
 
 HOMEWORK = "hw1_mann"
-# Flags that may differ when resuming or re-testing a run (they do not change what is trained).
-_RUN_ONLY_FLAGS = {"device", "resume", "test", "log_dir", "data_dir", "num_test_tasks"}
+# Flags a --resume (or --test) may change besides common.cli.RUN_ONLY_FLAGS: the run length, the
+# evaluation interval and the number of final test tasks do not change the weights trained so far.
+RESUMABLE_FLAGS = ("train_steps", "eval_freq", "num_test_tasks")
+FP32_BECAUSE = "hw1's LSTM/memory models were not measured faster in bf16"
+# The samplers of a run: each its own seeded generator, so validation never shifts the training data
+# order. "test" is the small test meta-batch of every --eval_freq step; "final" scores the end model.
+SAMPLERS = (("train", "train"), ("val", "val"), ("test", "test"), ("final", "test"))
 
 
 def str2bool(text: str) -> bool:
@@ -80,110 +83,117 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_name(args: argparse.Namespace) -> str:
+def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
+    """Every hyper-parameter in the name, the resolved precision included (resolved here when not given)."""
+    if precision is None:
+        precision = resolve_precision(args.precision, resolve_device(args.device), FP32_BECAUSE)[0]
     parts = {"N": args.num_classes, "K": args.num_shot, "B": args.meta_batch_size, "H": args.hidden_dim,
-             "lr": args.learning_rate, "steps": args.train_steps, "seed": args.random_seed}
+             "lr": args.learning_rate, "steps": args.train_steps, "prec": precision, "seed": args.random_seed}
     if args.model == "memory":
         parts.update(slots=args.memory_slots, mdim=args.memory_dim, reads=args.num_reads)
     return build_run_name(args.model, parts)
 
 
-def _check_same_run(run_dir: Path, hparams: dict[str, Any]) -> None:
-    """A resumed or re-tested run must use the flags it was trained with."""
-    path = run_dir / "hparams.json"
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    changed = [f"--{key} {saved.get(key)} -> {value}" for key, value in hparams.items()
-               if key not in _RUN_ONLY_FLAGS and saved.get(key) != value]
-    if changed:
-        raise CS330Error(f"{run_dir} was trained with other flags ({'; '.join(changed)}); "
-                         "use the original flags or a new --log_dir")
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+
+    # Everything that can fail before training fails here, before the run folder exists.
     store = OmniglotStore.load(args.data_dir)
     splits = {name: store.split(name) for name in ("train", "val", "test")}
     check_task_shape(args.num_classes, args.num_shot, {name: len(images) for name, images in splits.items()})
-    hparams = {k: v for k, v in vars(args).items() if k not in {"resume", "test"}}
-
-    seed_everything(args.random_seed)
+    seed_everything(args.random_seed)  # before the model is built: its initial weights depend on the seed
     model = build_model(args.model, args.num_classes, args.hidden_dim, memory_slots=args.memory_slots,
                         memory_dim=args.memory_dim, num_reads=args.num_reads).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-    # Separate generators per split, so validation never shifts the training data order.
-    seed = args.random_seed
-    train_tasks = SequenceSampler(splits["train"], args.num_classes, args.num_shot, device, seed)
-    val_tasks = SequenceSampler(splits["val"], args.num_classes, args.num_shot, device, seed + 1)
-    test_tasks = SequenceSampler(splits["test"], args.num_classes, args.num_shot, device, seed + 2)
-    final_tasks = SequenceSampler(splits["test"], args.num_classes, args.num_shot, device, seed + 3)
+    samplers = {name: SequenceSampler(splits[split], args.num_classes, args.num_shot, device, args.random_seed + i)
+                for i, (name, split) in enumerate(SAMPLERS)}
 
-    name = run_name(args)
+    hparams = {**{k: v for k, v in vars(args).items() if k not in {"resume", "test"}}, "precision": precision}
+    run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name(args, precision)
+    if args.test:
+        state = load_checkpoint(run_dir, map_location=device)  # a one-line error when there is none
+        with RunFolder.open(run_dir, hparams, resume=True, resumable=RESUMABLE_FLAGS):  # same flags as the run
+            return evaluate_checkpoint(args, model, state, samplers["final"], device, precision)
+    with RunFolder.open(run_dir, hparams, resume=args.resume, resumable=RESUMABLE_FLAGS,
+                        test_hint="--test to evaluate it") as run:
+        return train(run, args, model, optimizer, samplers, device, precision)
+
+
+def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, state: dict[str, Any],
+                        final_tasks: SequenceSampler, device: torch.device, precision: str) -> dict[str, Any]:
+    """Score the checkpoint's model on ``--num_test_tasks`` test tasks: the same tasks the end of
+    training scores (the "final" sampler is untouched during training), so a finished run repeats its result."""
+    model.load_state_dict(state["model"])
+    with autocast(device, precision):
+        result = evaluate(model, final_tasks, args.num_test_tasks, args.meta_batch_size, by_instance=True)
+    print(f"test ({args.num_test_tasks} tasks, step {state['step']}): query accuracy "
+          f"{result['acc']:.4f} +- {result['acc_ci95']:.4f}; by instance {result['acc_by_instance']}")
+    return {"step": state["step"], **{f"test_{k}": v for k, v in result.items()}}
+
+
+def train(run: RunFolder, args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
+          samplers: dict[str, SequenceSampler], device: torch.device, precision: str) -> dict[str, Any]:
+    """Train to ``--train_steps`` (from the latest checkpoint on --resume), then score the final model."""
     start_step, history = 0, []
-    run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / name
-    if args.resume or args.test:
-        _check_same_run(run_dir, hparams)
-        state = load_checkpoint(run_dir, map_location=device)
+    state = run.resume_state(map_location=device)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        for sampler, key in ((train_tasks, "train_tasks"), (val_tasks, "val_tasks"), (test_tasks, "test_tasks")):
-            sampler.load_state_dict(state[key])
+        for name in ("train", "val", "test"):
+            samplers[name].load_state_dict(state[f"{name}_tasks"])
         restore_rng_state(state["rng"])
         start_step, history = state["step"], list(state["history"])
-        if args.test:
-            result = evaluate(model, final_tasks, args.num_test_tasks, args.meta_batch_size, by_instance=True)
-            print(f"test ({args.num_test_tasks} tasks, step {start_step}): query accuracy "
-                  f"{result['acc']:.4f} +- {result['acc_ci95']:.4f}; by instance {result['acc_by_instance']}")
-            return {"step": start_step, **{f"test_{k}": v for k, v in result.items()}}
-    else:
-        refuse_existing_checkpoints(run_dir, "--test to evaluate it")
 
-    logger = RunLogger.for_homework(HOMEWORK, name, hparams, log_dir=str(run_dir), start_step=start_step,
-                                    total_steps=args.train_steps, desc=name)
-    if start_step:
-        logger.write(f"resumed {run_dir} at step {start_step}")
-    train_seconds, timed_steps = 0.0, 0
-    model.train()
-    for step in range(start_step + 1, args.train_steps + 1):
-        tic = time.perf_counter()
-        batch = train_tasks.sample(args.meta_batch_size)  # images [B, K+1, N, 784], labels [B, K+1, N, N]
-        loss = query_loss(model(*batch), batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        train_seconds += time.perf_counter() - tic
-        timed_steps += 1
+    def score(name: str, num_tasks: int, by_instance: bool = False) -> dict[str, Any]:
+        with autocast(device, precision):
+            return evaluate(model, samplers[name], num_tasks, args.meta_batch_size, by_instance=by_instance)
 
-        if step % args.eval_freq == 0 or step == args.train_steps:
+    with run.logger(start_step=start_step, total_steps=args.train_steps, desc=run.path.name) as logger:
+        logger.write(f"run folder: {run.path}" + (f" (resuming at step {start_step})" if start_step else ""))
+        train_seconds, timed_steps = 0.0, 0
+        model.train()
+        for step in range(start_step + 1, args.train_steps + 1):
+            tic = time.perf_counter()
+            batch = samplers["train"].sample(args.meta_batch_size)  # images [B, K+1, N, 784], labels [B, K+1, N, N]
+            with autocast(device, precision):
+                loss = query_loss(model(*batch), batch.labels)
+            # Every step, before the update: a NaN/inf loss stops the run here (exit 2, no results.json),
+            # not up to --eval_freq steps later with the weights already poisoned.
             train_loss = loss.item()
-            ensure_finite(train_loss, step, run_dir)
-            val = evaluate(model, val_tasks, args.meta_batch_size, args.meta_batch_size)
-            test = evaluate(model, test_tasks, args.meta_batch_size, args.meta_batch_size)
-            record = {"step": step, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
-                      "test_loss": test["loss"], "test_acc": test["acc"]}
-            history.append(record)
-            logger.log({"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
-                        "test/loss": test["loss"], "test/acc": test["acc"],
-                        "train/steps_per_sec": timed_steps / max(train_seconds, 1e-9)}, step)
-            logger.advance(step, loss=train_loss, val_acc=val["acc"])
-            save_checkpoint(run_dir, step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "train_tasks": train_tasks.state_dict(), "val_tasks": val_tasks.state_dict(),
-                "test_tasks": test_tasks.state_dict(), "rng": capture_rng_state(), "history": history,
-            }, keep_last=2)
+            run.check_loss(train_loss, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            train_seconds += time.perf_counter() - tic
+            timed_steps += 1
 
-    final = evaluate(model, final_tasks, args.num_test_tasks, args.meta_batch_size, by_instance=True)
-    steps_per_sec = timed_steps / max(train_seconds, 1e-9)
-    logger.write(f"test ({args.num_test_tasks} tasks): query accuracy {final['acc']:.4f} +- {final['acc_ci95']:.4f}"
-                 f"; by instance {[round(a, 4) for a in final['acc_by_instance']]}; {steps_per_sec:.1f} steps/s")
-    metrics = {"test_acc": final["acc"], "test_acc_ci95": final["acc_ci95"], "test_loss": final["loss"],
-               "test_acc_by_instance": final["acc_by_instance"], "val_acc": history[-1]["val_acc"] if history else None,
-               "steps": args.train_steps, "steps_per_sec": steps_per_sec, "history": history}
-    logger.finish(metrics)
-    logger.close()
+            if step % args.eval_freq == 0 or step == args.train_steps:
+                val = score("val", args.meta_batch_size)
+                test = score("test", args.meta_batch_size)
+                record = {"step": step, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
+                          "test_loss": test["loss"], "test_acc": test["acc"]}
+                history.append(record)
+                logger.log({"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
+                            "test/loss": test["loss"], "test/acc": test["acc"],
+                            "train/steps_per_sec": timed_steps / max(train_seconds, 1e-9)}, step)
+                logger.advance(step, loss=train_loss, val_acc=val["acc"])
+                run.save(step, {  # refuses non-finite weights: the last good checkpoint is never pushed out
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "train_tasks": samplers["train"].state_dict(), "val_tasks": samplers["val"].state_dict(),
+                    "test_tasks": samplers["test"].state_dict(), "rng": capture_rng_state(), "history": history,
+                }, keep_last=2)
+
+        final = score("final", args.num_test_tasks, by_instance=True)
+        steps_per_sec = timed_steps / max(train_seconds, 1e-9)
+        logger.write(f"test ({args.num_test_tasks} tasks): query accuracy {final['acc']:.4f} +- {final['acc_ci95']:.4f}"
+                     f"; by instance {[round(a, 4) for a in final['acc_by_instance']]}; {steps_per_sec:.1f} steps/s")
+        metrics = {"test_acc": final["acc"], "test_acc_ci95": final["acc_ci95"], "test_loss": final["loss"],
+                   "test_acc_by_instance": final["acc_by_instance"],
+                   "val_acc": history[-1]["val_acc"] if history else None, "steps": args.train_steps,
+                   "steps_per_sec": steps_per_sec, "history": history}
+        logger.finish(metrics)
     return metrics
 
 

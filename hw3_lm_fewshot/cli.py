@@ -12,10 +12,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from common.cli import add_run_args, positive_int
+from common.cli import add_run_args, int_list, positive_int
 from common.errors import CS330Error
-from common.runlog import runs_root
-from hw3_lm_fewshot.data import TASKS
+from common.runlog import RunLogger, runs_root
+from hw3_lm_fewshot.data import TASKS, TaskData
+from hw3_lm_fewshot.metrics import TASK_METRIC
 from hw3_lm_fewshot.models import MODEL_CHOICES, ModelSpec, load_causal_lm, load_classifier
 
 T = TypeVar("T")
@@ -25,15 +26,7 @@ FP32_BECAUSE = "bf16 for the hw3 language models is not yet measured against fp3
 INTERRUPTED = "interrupted; nothing was saved (results.json is written at the end of a run)"
 
 
-def parse_k_list(text: str) -> list[int]:
-    """``"1,8,128"`` -> ``[1, 8, 128]`` (argparse type for ``--k``)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k takes comma-separated integers such as 1,8,128, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"--k needs non-negative integers, got {text!r}")
-    return values
+parse_k_list = int_list(0, "1,8,128")  # --k: support sizes
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -100,3 +93,12 @@ def print_table(rows: list[dict], metric: str, write: Callable[[str], object] = 
         params = f"{r['trainable_params']:,}" if r.get("trainable_params") is not None else "0"
         write(f"| {r['method']} | {r['variant']} | {r['k']} | {r['mean']:.3f} ± {r['std']:.3f} | {r['repeats']} "
               f"| {params} | {r['seconds']:.1f} |")
+
+
+def finish_runs(logger: RunLogger, results: list[dict], task: TaskData, run_dir: Path) -> list[dict]:
+    """Write results.json (every run and the mean/std table), print the table and where it went."""
+    table = summarize(results)
+    logger.finish({"runs": results, "summary": table, "data_source": task.source})
+    print_table(table, TASK_METRIC[task.name])
+    print(f"results: {run_dir / 'results.json'}")
+    return results

@@ -39,11 +39,10 @@ from hw3_lm_fewshot.cli import (
     FP32_BECAUSE,
     add_common_args,
     exits_on_interrupt,
+    finish_runs,
     load_model,
     parse_k_list,
-    print_table,
     run_dir_for,
-    summarize,
 )
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_greedy, truncate_left
@@ -283,11 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for repeat in range(args.repeats):
                 results.append(run_ft(spec, task, k, args.mode, args.seed + repeat, args, logger))
                 logger.advance(len(results), score=results[-1]["score"])
-        table = summarize(results)
-        logger.finish({"runs": results, "summary": table, "data_source": task.source})
-    print_table(table, TASK_METRIC[args.dataset])
-    print(f"results: {run_dir / 'results.json'}")
-    return results
+        return finish_runs(logger, results, task, run_dir)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,48 @@
-"""hw1: sequence meta-batches, label masking, the LSTM and memory MANNs, training, resume and flags."""
+"""hw1: sequence meta-batches, label masking, the LSTM and memory MANNs, and the run lifecycle of
+train.py (resume rules, --test, the NaN guard, precision), on the Omniglot fixture of conftest.py
+(the real archives when CS330_DATA_MIRROR holds them, else a small fake set)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from common.errors import CS330Error
 from hw1_mann import train as train_script
 from hw1_mann.data import SequenceSampler, check_task_shape
 from hw1_mann.models import LSTMMANN, MemoryMANN, query_loss
 
-needs_omniglot = pytest.mark.skipif(
-    not os.environ.get("CS330_DATA_MIRROR"), reason="CS330_DATA_MIRROR is not set (the Omniglot zips live there)"
-)
+REPO = Path(__file__).resolve().parents[1]
+# A run that takes a fraction of a second: 3-way 1-shot, 4 tasks per step, 2 steps, a checkpoint each step.
+TINY = ["--num_classes", "3", "--num_shot", "1", "--meta_batch_size", "4", "--hidden_dim", "8",
+        "--train_steps", "2", "--eval_freq", "1", "--num_test_tasks", "8", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def train_split() -> torch.Tensor:
-    from common.omniglot import OmniglotStore
+def run_flags(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
+    return ["--data_dir", str(data_dir), "--log_dir", str(log_dir), *extra]
 
-    return OmniglotStore.load().split("train")
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())["metrics"]
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
+
+
+def exit_code_and_stderr(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run train.py in-process where it must fail: its exit status and what it printed to stderr."""
+    with pytest.raises(SystemExit) as info:
+        train_script.main(argv)
+    return info.value.code, capsys.readouterr().err
 
 
 def _fake_batch(batch: int = 3, shots: int = 2, ways: int = 4, seed: int = 0):
@@ -32,8 +53,9 @@ def _fake_batch(batch: int = 3, shots: int = 2, ways: int = 4, seed: int = 0):
     return images, labels
 
 
-@needs_omniglot
-def test_sequence_batch_shapes_and_labels(train_split):
+# ---------------------------------------------------------------------------------------- data and models
+def test_sequence_batch_shapes_and_labels(omniglot_store):
+    train_split = omniglot_store.split("train")
     sampler = SequenceSampler(train_split, num_classes=3, num_shot=2, seed=5)
     images, labels = sampler.sample(6)
     assert images.shape == (6, 3, 3, 784) and labels.shape == (6, 3, 3, 3)
@@ -46,25 +68,13 @@ def test_sequence_batch_shapes_and_labels(train_split):
     assert torch.equal(again.images, images) and torch.equal(again.labels, labels)  # seeded
 
 
-@needs_omniglot
-def test_impossible_task_shapes_are_refused(train_split):
-    from common.errors import CS330Error
-
+def test_impossible_task_shapes_are_refused(omniglot_store):
     with pytest.raises(CS330Error, match="num_shot 20"):
         check_task_shape(5, 20)
     with pytest.raises(CS330Error, match="at least 2"):
         check_task_shape(1, 1)
     with pytest.raises(CS330Error, match="larger than"):
-        SequenceSampler(train_split[:10], num_classes=11, num_shot=1)
-
-
-@needs_omniglot
-def test_script_refuses_bad_n_k_before_training(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_script.main(["--num_classes", "150", "--log_dir", str(tmp_path / "run"), "--device", "cpu"])
-    assert exit_info.value.code == 2
-    assert "larger than the 100 characters of the val split" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+        SequenceSampler(omniglot_store.split("train")[:10], num_classes=11, num_shot=1)
 
 
 @pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN])
@@ -86,14 +96,13 @@ def test_output_shape_and_query_labels_are_hidden(model_cls):
 
 
 def test_wrong_shapes_get_a_clear_error():
-    from common.errors import CS330Error
-
     model = LSTMMANN(4, hidden_dim=8)
     images, labels = _fake_batch(ways=3)
     with pytest.raises(CS330Error, match="4-way"):
         model(images, labels)
 
 
+# ---------------------------------------------------------------------------------------- flags
 def test_boolean_flags_parse_as_booleans():
     assert train_script.parse_args(["--test", "false"]).test is False
     assert train_script.parse_args(["--test", "False"]).test is False
@@ -109,52 +118,175 @@ def test_course_defaults():
     args = train_script.parse_args([])
     assert (args.num_classes, args.num_shot, args.meta_batch_size, args.hidden_dim) == (5, 1, 128, 128)
     assert (args.learning_rate, args.train_steps, args.eval_freq, args.random_seed) == (1e-3, 25000, 100, 123)
-    assert args.model == "lstm"
+    assert args.model == "lstm" and args.precision == "auto"
 
 
-@needs_omniglot
-def test_short_training_beats_chance_on_two_way(tmp_path):
-    metrics = train_script.main([
-        "--num_classes", "2", "--num_shot", "1", "--meta_batch_size", "64", "--train_steps", "300",
-        "--eval_freq", "100", "--learning_rate", "2e-3", "--num_test_tasks", "500", "--device", "cpu",
-        "--log_dir", str(tmp_path / "run"),
-    ])
-    assert metrics["test_acc"] - metrics["test_acc_ci95"] > 0.6  # chance is 0.5
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "inf"], "must be a finite number"),
+    (["--learning_rate", "nan"], "must be a finite number"),
+    (["--learning_rate", "0"], "must be a positive number"),
+    (["--num_shot", "0"], "must be a positive integer"),
+    (["--eval_freq", "-5"], "must be a positive integer"),
+    (["--threads", "0"], "must be a positive integer"),
+    (["--precision", "fp16"], "invalid choice"),
+])
+def test_bad_flags_are_refused_at_parse_time(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_script.parse_args(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_class_counts_are_checked_before_any_work(omniglot_data_dir, omniglot_store, tmp_path, capsys):
+    val_size = len(omniglot_store.split("val"))  # the smallest split: 100 characters in the real store
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, tmp_path / "run", *TINY,
+                                                       "--num_classes", str(val_size + 1)))
+    assert code == 2 and f"larger than the {val_size} characters of the val split" in err
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+# ---------------------------------------------------------------------------------------- training runs
+@pytest.mark.slow
+def test_short_training_beats_chance_on_two_way(omniglot_data_dir, tmp_path):
+    run = tmp_path / "run"
+    metrics = train_script.main(run_flags(omniglot_data_dir, run,
+        "--num_classes", "2", "--num_shot", "1", "--meta_batch_size", "32", "--hidden_dim", "64",
+        "--train_steps", "400", "--eval_freq", "100", "--learning_rate", "5e-3", "--num_test_tasks", "500",
+        "--device", "cpu"))
+    assert metrics["test_acc"] - metrics["test_acc_ci95"] > 0.5  # the 95% interval lies above chance
     assert len(metrics["test_acc_by_instance"]) == 2
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
-    assert saved["test_acc"] == metrics["test_acc"]
+    assert results(run)["test_acc"] == metrics["test_acc"]
 
 
-class _SimulatedKill(Exception):
-    pass
+def test_precision_is_resolved_printed_and_recorded(omniglot_data_dir, tmp_path, monkeypatch, capsys):
+    # auto means fp32 for hw1 on every device, with the reason on one line, in hparams and in the run name.
+    monkeypatch.setenv("CS330_RUNS_DIR", str(tmp_path / "runs"))
+    train_script.main(["--data_dir", str(omniglot_data_dir), *TINY])
+    out = capsys.readouterr().out
+    assert f"precision: fp32 ({train_script.FP32_BECAUSE})" in out
+    (run,) = (tmp_path / "runs" / "hw1_mann").iterdir()
+    assert "_precfp32_" in run.name and run.name == train_script.run_name(train_script.parse_args(TINY))
+    assert json.loads((run / "hparams.json").read_text())["precision"] == "fp32"
+    # --bf16 trains under bf16 autocast and says so.
+    bf16 = tmp_path / "bf16"
+    train_script.main(run_flags(omniglot_data_dir, bf16, *TINY, "--bf16"))
+    assert "precision: bf16 (as requested)" in capsys.readouterr().out
+    assert json.loads((bf16 / "hparams.json").read_text())["precision"] == "bf16"
+    assert "_precbf16_" in train_script.run_name(train_script.parse_args([*TINY, "--bf16"]))
 
 
-@needs_omniglot
-@pytest.mark.parametrize("model", ["lstm", "memory"])
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, monkeypatch, model):
-    flags = ["--num_classes", "3", "--num_shot", "2", "--meta_batch_size", "8", "--hidden_dim", "16",
-             "--train_steps", "12", "--eval_freq", "4", "--num_test_tasks", "16", "--device", "cpu",
-             "--model", model, "--memory_slots", "16"]
-    uninterrupted = train_script.main(flags + ["--log_dir", str(tmp_path / "a")])
+def test_nan_loss_stops_the_run_at_that_step(omniglot_data_dir, tmp_path, monkeypatch, capsys):
+    # --eval_freq 100: the loss must be checked at every step, not only when the run evaluates.
+    real_loss, calls = train_script.query_loss, {"n": 0}
 
-    real_sample, calls = SequenceSampler.sample, {"n": 0}
-
-    def dying_sample(self, batch_size):
+    def loss_nan_at_step_3(logits, labels):
         calls["n"] += 1
-        if calls["n"] == 9:  # training step 7: 4 train + 2 eval draws (step-4 checkpoint), then steps 5, 6, 7
-            raise _SimulatedKill
-        return real_sample(self, batch_size)
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(SequenceSampler, "sample", dying_sample)
-    with pytest.raises(_SimulatedKill):
-        train_script.main(flags + ["--log_dir", str(tmp_path / "b")])
-    monkeypatch.setattr(SequenceSampler, "sample", real_sample)
-    with pytest.raises(SystemExit):  # restarting without --resume must not overwrite the run
-        train_script.main(flags + ["--log_dir", str(tmp_path / "b")])
-    resumed = train_script.main(flags + ["--log_dir", str(tmp_path / "b"), "--resume"])
+    monkeypatch.setattr(train_script, "query_loss", loss_nan_at_step_3)
+    run = tmp_path / "run"
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--train_steps", "10",
+                                                       "--eval_freq", "100"))
+    assert code == 2 and "the training loss became nan at step 3" in err
+    assert calls["n"] == 3  # stopped at once
+    assert not (run / "results.json").exists() and checkpoints(run) == []
 
-    assert resumed["history"] == uninterrupted["history"]
-    for key in ("test_acc", "test_loss", "test_acc_by_instance"):
-        assert resumed[key] == uninterrupted[key]
-    retest = train_script.main(flags + ["--log_dir", str(tmp_path / "b"), "--test"])
-    assert retest["test_acc"] == uninterrupted["test_acc"]
+
+def test_huge_learning_rate_stops_without_a_poisoned_checkpoint(omniglot_data_dir, tmp_path, capsys):
+    # The memory model: its logits are unbounded, so lr 1e30 drives the weights to inf within steps
+    # (the LSTM's logits are a tanh output, and its loss stays finite however large the weights).
+    run = tmp_path / "run"
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--model", "memory",
+                                                       "--memory_slots", "8", "--train_steps", "10",
+                                                       "--learning_rate", "1e30"))
+    assert code == 2 and "Lower the learning rate" in err
+    assert not (run / "results.json").exists()
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()), path.name
+
+
+# ---------------------------------------------------------------------------------------- resume and --test
+def test_existing_run_without_resume_is_refused(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY))
+    before = checkpoints(run)
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY))
+    assert code == 2 and "--resume" in err and "--test to evaluate it" in err
+    assert checkpoints(run) == before
+
+
+def test_resume_without_checkpoint_starts_fresh_with_a_note(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY, "--resume"))
+    err = capsys.readouterr().err
+    assert "note: --resume: no checkpoint" in err and "starting the run fresh" in err
+    assert results(run)["steps"] == 2 and checkpoints(run)[-1] == "step0000002.pt"
+
+
+def test_resume_with_changed_flags_is_refused_before_any_work(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY))
+    before = checkpoints(run)
+    for changed in (["--learning_rate", "0.5"], ["--hidden_dim", "16"], ["--bf16"]):
+        code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--resume", *changed))
+        flag = "--precision" if changed == ["--bf16"] else changed[0]
+        assert code == 2 and "other flags" in err and flag in err, err
+    assert checkpoints(run) == before
+    # The run length, the interval and the number of test tasks may change: the run is extended.
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY, "--resume", "--train_steps", "4",
+                                "--eval_freq", "2", "--num_test_tasks", "4"))
+    assert checkpoints(run)[-1] == "step0000004.pt" and results(run)["steps"] == 4
+
+
+def test_test_mode_checks_the_flags_and_scores_the_latest_checkpoint(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    trained = train_script.main(run_flags(omniglot_data_dir, run, *TINY))
+    retest = train_script.main(run_flags(omniglot_data_dir, run, *TINY, "--test"))
+    assert retest["step"] == 2 and retest["test_acc"] == trained["test_acc"]  # the same test tasks
+    # --train_steps may differ (as on --resume); flags that change the model may not.
+    assert train_script.main(run_flags(omniglot_data_dir, run, *TINY, "--test", "--train_steps", "50"))["step"] == 2
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--test", "--hidden_dim", "16"))
+    assert code == 2 and "other flags" in err and "--hidden_dim 8 -> 16" in err
+
+
+def test_test_mode_without_checkpoint_says_so(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "empty"
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--test"))
+    assert code == 2 and "no checkpoint" in err and "train first" in err
+    assert len(err.strip().splitlines()) == 1 and not run.exists()
+
+
+def start_train(log: Path, *flags: str) -> subprocess.Popen:
+    # A real process, as a user's run would be: the kill is a real SIGKILL at an arbitrary instruction.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "hw1_mann" / "train.py"), *flags],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["lstm", "memory"])
+def test_resume_after_sigkill_matches_uninterrupted_run(omniglot_data_dir, tmp_path, model):
+    flags = ["--num_classes", "3", "--num_shot", "2", "--meta_batch_size", "8", "--hidden_dim", "16",
+             "--train_steps", "80", "--eval_freq", "5", "--num_test_tasks", "32", "--device", "cpu",
+             "--model", model, "--memory_slots", "16"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    uninterrupted = start_train(tmp_path / "straight.log", *run_flags(omniglot_data_dir, straight, *flags))
+    proc = start_train(tmp_path / "killed.log", *run_flags(omniglot_data_dir, killed, *flags))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoints" / "step0000010.pt").exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "results.json").exists()
+    resumed = start_train(tmp_path / "resumed.log", *run_flags(omniglot_data_dir, killed, *flags, "--resume"))
+    for process, log in ((uninterrupted, "straight.log"), (resumed, "resumed.log")):
+        assert process.wait() == 0, (tmp_path / log).read_text()[-2000:]
+    assert "resuming at step" in (tmp_path / "resumed.log").read_text()
+    expected, got = results(straight), results(killed)
+    for key in ("history", "test_acc", "test_acc_ci95", "test_loss", "test_acc_by_instance", "val_acc"):
+        assert got[key] == expected[key], key
