@@ -34,6 +34,8 @@ def cpu_capability() -> str:
     """What the CPU offers PyTorch's kernels: the dispatch level (``AVX2``, ``AVX512``, ...) plus
     ``+BF16`` / ``+AMX`` when the processor has native bf16 instructions. Printed with every bench figure."""
     level = torch.backends.cpu.get_cpu_capability()
+    if not level.startswith("AVX512"):  # AVX2 kernels (e.g. ATEN_CPU_CAPABILITY=avx2) emulate bf16
+        return level
     flags = _cpu_flags()
     extras = [name for name, flag in (("BF16", "avx512_bf16"), ("AMX", "amx_bf16")) if flag in flags]
     return "+".join([level, *extras])
