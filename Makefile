@@ -41,7 +41,6 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_omniglot.py
-	$(PY) hw1_mann/bench.py
 	$(PY) hw2_protonet_maml/bench.py
 	$(PY) hw3_lm_fewshot/bench.py
 

@@ -1,4 +1,5 @@
-"""Episode sampling speed: the in-memory Omniglot store against reading every sampled image from the zip.
+"""Task sampling speed: the in-memory Omniglot store against reading every sampled image from the zip,
+for hw2's episodes (N-way K-shot Q-query) and hw1's sequence meta-batches (K+1 drawings per class).
 
     python benchmarks/bench_omniglot.py
 
@@ -17,7 +18,9 @@ import numpy as np
 import torch
 
 from common.data import fetch
+from common.device import cpu_capability
 from common.omniglot import OMNIGLOT_ARCHIVES, EpisodeSampler, OmniglotStore, character_members, decode_image
+from hw1_mann.data import SequenceSampler
 
 
 def store_rate(sampler: EpisodeSampler, batch: int, seconds: float) -> float:
@@ -60,11 +63,17 @@ def main() -> None:
                for files in character_members(archive).values()]
     rng = np.random.default_rng(0)
     torch.set_num_threads(1)
-    print(f"{'task':<26}{'store tasks/s':>15}{'per-sample tasks/s':>20}{'speed-up':>10}")
-    for num_way, k, q in ((5, 1, 15), (20, 5, 5)):
-        fast = store_rate(EpisodeSampler(train, num_way, k, q, "cpu", seed=0), 16, args.seconds)
-        slow = per_sample_rate(archives, members, num_way, k + q, 28, args.seconds, rng)
-        print(f"{f'{num_way}-way {k}-shot {q}-query':<26}{fast:>15.0f}{slow:>20.1f}{fast / slow:>9.0f}x")
+    print(f"1 thread, CPU capability {cpu_capability()}")
+    print(f"{'task':<44}{'store tasks/s':>15}{'per-sample tasks/s':>20}{'speed-up':>10}")
+    samplers = {  # name -> (sampler, tasks per batch, classes per task, drawings per class)
+        "hw2 episodes 5-way 1-shot 15-query, B=16": (EpisodeSampler(train, 5, 1, 15, "cpu", seed=0), 16, 5, 16),
+        "hw2 episodes 20-way 5-shot 5-query, B=16": (EpisodeSampler(train, 20, 5, 5, "cpu", seed=0), 16, 20, 10),
+        "hw1 sequences 5-way 1-shot, B=128": (SequenceSampler(train, 5, 1, "cpu", seed=0), 128, 5, 2),
+    }
+    for name, (sampler, batch, num_way, per_class) in samplers.items():
+        fast = store_rate(sampler, batch, args.seconds)
+        slow = per_sample_rate(archives, members, num_way, per_class, 28, args.seconds, rng)
+        print(f"{name:<44}{fast:>15.0f}{slow:>20.1f}{fast / slow:>9.0f}x")
 
 if __name__ == "__main__":
     main()
