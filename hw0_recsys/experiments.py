@@ -1,54 +1,66 @@
 """The homework's experiments, each a set of ``train.py`` runs, summarised as markdown tables and PNG plots.
 
-  python hw0_recsys/experiments.py                    # course grid + 5-fold u1..u5 RMSE
-  python hw0_recsys/experiments.py --stages tune      # the validation grid behind the SVD++ defaults
-  python hw0_recsys/experiments.py --quick            # a few epochs of everything, to check the pipeline
+  python hw0_recsys/experiments.py --preset cpu --dry_run      # what would run, and what is done
+  python hw0_recsys/experiments.py --preset cpu                # course grid + 5-fold table, about an hour
+  python hw0_recsys/experiments.py --stages tune               # the validation grid behind the SVD++ defaults
+  python hw0_recsys/experiments.py --quick                     # a few epochs of everything (--preset smoke)
 
+Stages (``--stages``):
 * course: the multi-task model on the course's 95/5 random split, shared vs separate embeddings x loss
-  weights (factorization, regression) = (0.99, 0.01), (0.5, 0.5), at Adam lr 1e-3 (the course's) and
-  1e-2; test MRR, Recall@10, NDCG@10 and MSE.
+  weights (factorization, regression) = (0.99, 0.01), (0.5, 0.5), Adam lr 1e-3, the course's 200
+  epochs, 3 seeds; plus the fix for the overfitting of long runs: Adam weight decay 1e-5 and 1e-4
+  (seed 0). train.py has no early stopping, so weight decay is the fix tried. Test MRR, Recall@10,
+  NDCG@10 and MSE, mean ± std over seeds.
 * folds: SVD++, SVD++ with the transductive N(u) (``--implicit_from_test``), biased MF (SVD++ without
   y_j), I-AutoRec, and the blend ``w * AutoRec + (1 - w) * SVD++`` on the official folds u1..u5; test
   RMSE per fold, mean and 95% interval, training time per fold (a blend's is the sum of its two runs).
 * tune: SVD++ and AutoRec variants scored on a 10% validation slice of u1.base, and the blend weight w
   that minimises the validation RMSE of the default SVD++ and AutoRec runs (the test folds are never
-  used); the folds stage runs it first, to get w.
+  used); the folds stage runs the two default runs too, to get w.
 
-Finished runs (results.json present with the same flags) are reused, so an interrupted sweep
-continues where it stopped.
+Presets: a multi-task epoch took 0.86 s evaluating every 5 epochs and 1.2 s evaluating every epoch (as
+the README's 10-epoch runs did) on one thread of this shared 2-core CPU (2026-11-28). Evaluating every
+10 epochs, the course's 200 epochs for the 20 course runs take about 1 h and the folds stage 5 min, so
+``cpu`` is the same grid as ``course``. ``smoke`` (``--quick``) trains 2 / 25 epochs per run. Every run is
+``hw0_recsys/train.py`` in ``runs/hw0_recsys/experiments/<preset>/<name>`` (see common/grid.py:
+finished runs are reused, killed ones resumed).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from common.errors import cli_main  # noqa: E402
-from common.runlog import runs_root  # noqa: E402
+from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
 from common.stats import mean_ci95  # noqa: E402
-from hw0_recsys import train as train_script  # noqa: E402
 from hw0_recsys.metrics import rating_metrics  # noqa: E402
 
+HOMEWORK = "hw0_recsys"
+TRAIN = "hw0_recsys.train"
 STAGES = ("course", "folds", "tune")
 COURSE_GRID = [  # (label, flags): shared vs separate embeddings x loss weights, as in the course
-    ("fw0.99 rw0.01 shared", ["--factorization_weight", "0.99", "--regression_weight", "0.01"]),
-    ("fw0.5 rw0.5 shared", ["--factorization_weight", "0.5", "--regression_weight", "0.5"]),
-    ("fw0.99 rw0.01 separate", ["--factorization_weight", "0.99", "--regression_weight", "0.01",
+    ("fw0.99_rw0.01_shared", ["--factorization_weight", "0.99", "--regression_weight", "0.01"]),
+    ("fw0.5_rw0.5_shared", ["--factorization_weight", "0.5", "--regression_weight", "0.5"]),
+    ("fw0.99_rw0.01_separate", ["--factorization_weight", "0.99", "--regression_weight", "0.01",
                                 "--no_embedding_sharing"]),
-    ("fw0.5 rw0.5 separate", ["--factorization_weight", "0.5", "--regression_weight", "0.5",
+    ("fw0.5_rw0.5_separate", ["--factorization_weight", "0.5", "--regression_weight", "0.5",
                               "--no_embedding_sharing"]),
 ]
-# The course's Adam lr 1e-3, and 1e-2, which gave a higher MRR on a validation slice of the training
-# data (lr and epochs were compared with --val_fraction 0.05, never on the test set; see README).
-COURSE_LRS = ("0.001", "0.01")
+COURSE_LR = "0.001"
+PRESETS = {  # multi-task epochs and evaluation period, seeds, weight decays; epochs of the fold/tune runs
+    "smoke": {"epochs": 2, "eval_every": 1, "seeds": (0,), "weight_decays": ("1e-4",), "fold_epochs": 25},
+    "cpu": {"epochs": 200, "eval_every": 10, "seeds": (0, 1, 2), "weight_decays": ("1e-5", "1e-4"),
+            "fold_epochs": None},
+    "course": {"epochs": 200, "eval_every": 10, "seeds": (0, 1, 2), "weight_decays": ("1e-5", "1e-4"),
+               "fold_epochs": None},
+}
 FOLDS = ("u1", "u2", "u3", "u4", "u5")
 FOLD_MODELS = [  # (label, flags); every run saves its test predictions for the blend
     ("SVD++", ["--model", "svdpp"]),
@@ -67,23 +79,63 @@ TUNE_GRID = [  # flags varied around each model's defaults; the first of each mo
 ]
 
 
-def run(out_dir: Path, name: str, flags: list[str], extra: list[str]) -> dict:
-    """One training run in ``out_dir/name``; reuses its results.json if the flags match."""
-    run_dir = out_dir / name
-    argv = [*flags, *extra, "--log_dir", str(run_dir), "--save_predictions"]
-    expected = {"model": train_script.parse_args(argv).model, **train_script.run_hparams(train_script.parse_args(argv))}
-    results_path = run_dir / "results.json"
-    if results_path.exists():
-        saved = json.loads(results_path.read_text())
-        if saved["hparams"] == json.loads(json.dumps(expected)) and (run_dir / "predictions.pt").exists():
-            return saved["metrics"]
-    if (run_dir / "checkpoints").is_dir():
-        argv.append("--resume")
-    return train_script.main(argv)
+# ---------------------------------------------------------------------------- configurations
+def course_configs(sizes: dict) -> list[Config]:
+    length = ["--num_epochs", str(sizes["epochs"]), "--eval_every", str(sizes["eval_every"]),
+              "--checkpoint_every", str(sizes["eval_every"]), "--lr", COURSE_LR]
+    runs = [(label, flags, "0", seed) for label, flags in COURSE_GRID for seed in sizes["seeds"]]
+    runs += [(label, flags, wd, sizes["seeds"][0]) for label, flags in COURSE_GRID for wd in sizes["weight_decays"]]
+    return [Config(f"course_{label}" + (f"_wd{wd}" if wd != "0" else "") + f"_seed{seed}", TRAIN,
+                   [*flags, *length, "--weight_decay", wd, "--seed", str(seed)],
+                   tags={"setting": label + (f" wd{wd}" if wd != "0" else "")})
+            for label, flags, wd, seed in runs]
 
 
-def load_predictions(out_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    return torch.load(out_dir / name / "predictions.pt", weights_only=True)
+def fold_name(label: str, fold: str) -> str:
+    return "folds_" + "".join(ch if ch.isalnum() else "_" for ch in label.replace("+", "p")) + "_" + fold
+
+
+def tune_name(flags: list[str]) -> str:
+    return "tune_" + "_".join(flag.lstrip("-") for flag in flags)
+
+
+def epochs(sizes: dict) -> list[str]:
+    return ["--num_epochs", str(sizes["fold_epochs"])] if sizes["fold_epochs"] else []
+
+
+def fold_configs(sizes: dict) -> list[Config]:
+    return [Config(fold_name(label, fold), TRAIN, [*flags, "--split", fold, "--save_predictions", *epochs(sizes)])
+            for label, flags in FOLD_MODELS for fold in FOLDS]
+
+
+def tune_configs(sizes: dict, flag_sets: list[list[str]] = TUNE_GRID) -> list[Config]:
+    return [Config(tune_name(flags), TRAIN, [*flags, "--split", "u1", "--val_fraction", VAL_FRACTION,
+                                             "--save_predictions", *epochs(sizes)])
+            for flags in flag_sets]
+
+
+def blend_flag_sets() -> list[list[str]]:
+    """The tune runs whose validation predictions choose the blend weight: each blended model's defaults."""
+    return [["--model", "svdpp"], ["--model", "autorec"]]
+
+
+def configs(stages: list[str], preset: str) -> list[Config]:
+    sizes = PRESETS[preset]
+    grid: list[Config] = []
+    if "course" in stages:
+        grid += course_configs(sizes)
+    if "folds" in stages:
+        grid += tune_configs(sizes, blend_flag_sets()) + fold_configs(sizes)
+    if "tune" in stages:
+        grid += tune_configs(sizes)
+    return grid
+
+
+# ---------------------------------------------------------------------------- tables and plots
+def predictions(frame: pd.DataFrame, name: str) -> dict[str, torch.Tensor] | None:
+    run_dir = lookup(frame, name, "run_dir")
+    path = None if run_dir is None else Path(run_dir) / "predictions.pt"
+    return torch.load(path, weights_only=True) if path is not None and path.exists() else None
 
 
 def blended_rmse(first: dict, second: dict, weight: float) -> float:
@@ -94,130 +146,110 @@ def blended_rmse(first: dict, second: dict, weight: float) -> float:
     return rating_metrics(blend, first["ratings"])["rmse"]
 
 
-def course_stage(out_dir: Path, extra: list[str], quick: bool) -> str:
-    epochs = ["--num_epochs", "2"] if quick else []
-    rows = []
-    for lr in COURSE_LRS:
-        for label, flags in COURSE_GRID:
-            metrics = run(out_dir, f"course_lr{lr}_" + label.replace(" ", "_"), [*flags, "--lr", lr, *epochs], extra)
-            rows.append({"run": f"lr{lr} {label}", "MRR": metrics["test/mrr"], "Recall@10": metrics["test/recall@10"],
-                         "NDCG@10": metrics["test/ndcg@10"], "MSE": metrics["test/mse"],
-                         "train s": metrics["train_seconds"]})
-    table = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for axis, column in zip(axes, ("MRR", "MSE")):
-        axis.barh(table["run"], table[column])
-        axis.set_xlabel(f"test {column}")
+def blend_weight(frame: pd.DataFrame) -> tuple[float | None, dict[float, float]]:
+    """The blend weight with the lowest RMSE on the validation slice of u1.base, and every weight's RMSE."""
+    first, second = (predictions(frame, tune_name(flags)) for flags in blend_flag_sets())
+    if first is None or second is None:
+        return None, {}
+    scores = {weight: blended_rmse(first, second, weight) for weight in BLEND_WEIGHTS}
+    return min(scores, key=scores.get), scores
+
+
+def course_section(frame: pd.DataFrame, sizes: dict, out: Path) -> str:
+    columns = {"MRR": "test/mrr", "Recall@10": "test/recall@10", "NDCG@10": "test/ndcg@10", "MSE": "test/mse",
+               "train s": "train_seconds"}
+    runs = frame[frame["name"].str.startswith("course_")] if "setting" in frame else frame.iloc[:0]
+    if runs.empty:
+        return "## Course grid\n\nno finished runs"
+    table = runs.groupby("setting", sort=False)[list(columns.values())].agg(["mean", "std", "count"])
+
+    def cell(setting: str, key: str) -> str:
+        mean, std, count = (table.loc[setting, (key, stat)] for stat in ("mean", "std", "count"))
+        return f"{mean:.4f}" + (f" ± {std:.4f}" if count > 1 else "")
+
+    rows = [{"setting": setting, "seeds": int(table.loc[setting, ("test/mrr", "count")]),
+             **{label: cell(setting, key) for label, key in columns.items() if key != "train_seconds"},
+             "train s": table.loc[setting, ("train_seconds", "mean")]} for setting in table.index]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, (label, key) in zip(axes, (("MRR", "test/mrr"), ("MSE", "test/mse"))):
+        axis.barh(table.index, table[(key, "mean")], xerr=table[(key, "std")].fillna(0), capsize=3)
+        axis.set_xlabel(f"test {label} (mean ± std over seeds)")
     axes[1].set_yticks([])
-    fig.suptitle("Multi-task model on the 95/5 random split of ml-100k")
+    fig.suptitle(f"Multi-task model on the 95/5 random split of ml-100k, {sizes['epochs']} epochs, lr {COURSE_LR}")
     fig.tight_layout()
-    fig.savefig(out_dir / "course_grid.png", dpi=120)
+    fig.savefig(out / "course_grid.png", dpi=120)
     plt.close(fig)
-    return "## Course grid (multi-task model, random 95/5 split)\n\n" + table.to_markdown(index=False, floatfmt=".4f")
+    return (f"## Course grid (multi-task model, random 95/5 split, {sizes['epochs']} epochs, lr {COURSE_LR}; "
+            "mean ± std over seeds; wd = Adam weight decay)\n\n"
+            + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"))
 
 
-def fold_run_name(label: str, fold: str) -> str:
-    return "folds_" + "".join(ch if ch.isalnum() else "_" for ch in label.replace("+", "p")) + "_" + fold
-
-
-def folds_stage(out_dir: Path, extra: list[str], quick: bool) -> str:
-    epochs = ["--num_epochs", "25"] if quick else []
-    weight, _ = blend_weight(out_dir, extra, quick)
-    rows = []
-    for label, flags in FOLD_MODELS:
+def folds_section(frame: pd.DataFrame, out: Path) -> str:
+    weight, _ = blend_weight(frame)
+    rows = [{"model": label, "fold": fold, "RMSE": lookup(frame, fold_name(label, fold), "test/rmse"),
+             "train s": lookup(frame, fold_name(label, fold), "train_seconds")}
+            for label, _ in FOLD_MODELS for fold in FOLDS]
+    if weight is not None:
         for fold in FOLDS:
-            metrics = run(out_dir, fold_run_name(label, fold), flags + ["--split", fold] + epochs, extra)
-            rows.append({"model": label, "fold": fold, "RMSE": metrics["test/rmse"],
-                         "train s": metrics["train_seconds"]})
-    seconds = {(row["model"], row["fold"]): row["train s"] for row in rows}
-    blend_label = f"blend {1 - weight:.1f} {BLEND[0]} + {weight:.1f} {BLEND[1]}"
-    for fold in FOLDS:
-        first, second = (load_predictions(out_dir, fold_run_name(label, fold)) for label in BLEND)
-        rows.append({"model": blend_label, "fold": fold, "RMSE": blended_rmse(first, second, weight),
-                     "train s": seconds[(BLEND[0], fold)] + seconds[(BLEND[1], fold)]})
-    frame = pd.DataFrame(rows)
+            first, second = (predictions(frame, fold_name(label, fold)) for label in BLEND)
+            if first is not None and second is not None:
+                seconds = sum(lookup(frame, fold_name(label, fold), "train_seconds") for label in BLEND)
+                rows.append({"model": f"blend {1 - weight:.1f} {BLEND[0]} + {weight:.1f} {BLEND[1]}", "fold": fold,
+                             "RMSE": blended_rmse(first, second, weight), "train s": seconds})
+    frame = pd.DataFrame(rows).dropna(subset=["RMSE"])
+    if frame.empty:
+        return "## 5-fold RMSE\n\nno finished runs"
     labels = list(dict.fromkeys(frame["model"]))
-    table = frame.pivot(index="model", columns="fold", values="RMSE")
+    table = frame.pivot(index="model", columns="fold", values="RMSE").reindex(index=labels, columns=list(FOLDS))
     summary = []
     for label in labels:
-        mean, half_width = mean_ci95(table.loc[label].to_numpy())
+        mean, half_width = mean_ci95(table.loc[label].dropna().to_numpy())
         summary.append({"model": label, **table.loc[label].to_dict(), "mean RMSE": mean, "95% CI +-": half_width,
                         "max train s per fold": frame[frame["model"] == label]["train s"].max()})
     fig, axis = plt.subplots(figsize=(9, 3.5))
     width = 0.8 / len(labels)
     for index, label in enumerate(labels):
-        axis.bar([position + index * width for position in range(len(FOLDS))], table.loc[label, list(FOLDS)], width,
-                 label=label)
+        axis.bar([position + index * width for position in range(len(FOLDS))], table.loc[label], width, label=label)
     axis.set_xticks([position + width * (len(labels) - 1) / 2 for position in range(len(FOLDS))], FOLDS)
     axis.axhline(0.905, color="black", linestyle="--", linewidth=1, label="target 0.905")
-    axis.set_ylim(0.85, float(table.to_numpy().max()) + 0.02)
+    axis.set_ylim(0.85, float(table.max().max()) + 0.02)
     axis.set_ylabel("test RMSE")
     axis.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out_dir / "folds_rmse.png", dpi=120)
+    fig.savefig(out / "folds_rmse.png", dpi=120)
     plt.close(fig)
     return ("## 5-fold RMSE on the official u1..u5 folds\n\n"
             + pd.DataFrame(summary).to_markdown(index=False, floatfmt=".4f"))
 
 
-def tune_name(flags: list[str]) -> str:
-    return "tune_" + "_".join(flag.lstrip("-") for flag in flags)
-
-
-def tune_run(out_dir: Path, flags: list[str], extra: list[str], quick: bool) -> dict:
-    epochs = ["--num_epochs", "25"] if quick else []
-    return run(out_dir, tune_name(flags), [*flags, "--split", "u1", "--val_fraction", VAL_FRACTION, *epochs], extra)
-
-
-def blend_weight(out_dir: Path, extra: list[str], quick: bool) -> tuple[float, dict[float, float]]:
-    """The blend weight with the lowest RMSE on the validation slice of u1.base, and every weight's RMSE."""
-    first_flags, second_flags = (next(flags for flags in TUNE_GRID if flags == ["--model", model])
-                                 for model in ("svdpp", "autorec"))
-    for flags in (first_flags, second_flags):
-        tune_run(out_dir, flags, extra, quick)
-    first, second = (load_predictions(out_dir, tune_name(flags)) for flags in (first_flags, second_flags))
-    scores = {weight: blended_rmse(first, second, weight) for weight in BLEND_WEIGHTS}
-    return min(scores, key=scores.get), scores
-
-
-def tune_stage(out_dir: Path, extra: list[str], quick: bool) -> str:
-    rows = []
-    for flags in TUNE_GRID:
-        metrics = tune_run(out_dir, flags, extra, quick)
-        rows.append({"flags": " ".join(flags), "val RMSE": metrics["val/rmse"], "train s": metrics["train_seconds"]})
-    weight, scores = blend_weight(out_dir, extra, quick)
+def tune_section(frame: pd.DataFrame) -> str:
+    rows = [{"flags": " ".join(flags), "val RMSE": lookup(frame, tune_name(flags), "val/rmse"),
+             "train s": lookup(frame, tune_name(flags), "train_seconds")} for flags in TUNE_GRID]
+    weight, scores = blend_weight(frame)
     blend_rows = [{"w (AutoRec share)": w, "val RMSE": rmse} for w, rmse in scores.items()]
     return (f"## Validation grid ({VAL_FRACTION} of u1.base held out; test folds unused)\n\n"
             + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f")
             + f"\n\n## Blend weight on the same validation slice (chosen: w = {weight})\n\n"
-            + pd.DataFrame(blend_rows).to_markdown(index=False, floatfmt=".4f"))
+            + (pd.DataFrame(blend_rows).to_markdown(index=False, floatfmt=".4f") if blend_rows else "not finished"))
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = grid_parser(__doc__, presets=tuple(PRESETS))
     parser.add_argument("--stages", default="course,folds",
                         help=f"comma-separated stages to run, from {', '.join(STAGES)} (default: course,folds)")
-    parser.add_argument("--quick", action="store_true", help="a few epochs per run: checks the pipeline, not results")
-    parser.add_argument("--out_dir", default=None,
-                        help="where runs, tables and plots go (default: runs/hw0_recsys/experiments[_quick])")
-    parser.add_argument("--device", default="auto", help="passed to every run (default: auto)")
-    parser.add_argument("--data_dir", default=None, help="passed to every run")
     args = parser.parse_args(argv)
     stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown or not stages:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
-    out_dir = Path(args.out_dir) if args.out_dir else runs_root() / "hw0_recsys" / (
-        "experiments_quick" if args.quick else "experiments")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    extra = ["--device", args.device] + (["--data_dir", args.data_dir] if args.data_dir else [])
-    builders = {"course": course_stage, "folds": folds_stage, "tune": tune_stage}
-    sections = [builders[stage](out_dir, extra, args.quick) for stage in stages]
-    report = "\n\n".join(sections) + "\n"
-    (out_dir / f"results_{'_'.join(stages)}.md").write_text(report)
-    print(report)
-    print(f"tables and plots in {out_dir}")
+
+    def report(frame: pd.DataFrame, out: Path) -> str:
+        sections = {"course": lambda: course_section(frame, PRESETS[args.preset], out),
+                    "folds": lambda: folds_section(frame, out), "tune": lambda: tune_section(frame)}
+        return "\n\n".join(sections[stage]() for stage in stages)
+
+    run_experiments(args, HOMEWORK, configs(stages, args.preset), report)
 
 
 if __name__ == "__main__":

@@ -1,107 +1,118 @@
-"""The hw1 experiments: the course (K, N) grid, a hidden-size sweep and LSTM vs memory network.
+"""The hw1 experiments: the course (K, N) grid, a hidden-size sweep, LSTM vs memory network, and
+seeds of the hardest course setting.
 
-    python hw1_mann/experiments.py                       # course length (25000 steps per run)
-    python hw1_mann/experiments.py --train_steps 3000    # shorter runs
-    python hw1_mann/experiments.py --quick               # a few hundred steps, to check it all works
+    python hw1_mann/experiments.py --preset cpu --dry_run   # what would run, and what is done
+    python hw1_mann/experiments.py --preset cpu             # about an hour on 2 CPU cores
+    python hw1_mann/experiments.py --preset course --device cuda
 
-Each run is ``hw1_mann/train.py`` with the flags below, in ``<out_dir>/<run name>``; a run whose
-``results.json`` already exists is not trained again, so an interrupted sweep just continues.
-Writes ``<out_dir>/results.md`` (table) and ``<out_dir>/test_acc_vs_step.png`` (plot).
+Presets:
+- ``cpu``: the LSTM at (K, N) = (1, 4) with 3 seeds, 18000 steps each (README: 16-30 steps/s at
+  (1, 4) on this CPU, so about 10-19 min per run). The Santoro et al. protocol is future work.
+- ``course``: the course's 25000 steps for the course grid (1,2), (2,2), (1,3), (1,4), hidden sizes
+  8/128/256 at (1, 3), LSTM vs memory network at (1, 4), and the 3 seeds at (1, 4).
+- ``smoke`` (``--quick``): 300 steps of one run, to check the pipeline.
+Every run is ``hw1_mann/train.py`` in ``runs/hw1_mann/experiments/<preset>/<name>`` (see
+common/grid.py: finished runs are reused, killed ones resumed). Writes ``results.md`` (table) and
+``test_acc_vs_step.png``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
-from typing import Any
 
 import matplotlib
+import numpy as np
+import pandas as pd
+
+from common.errors import cli_main
+from common.grid import Config, grid_parser, lookup, run_experiments
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.cli import positive_int  # noqa: E402
-from common.errors import cli_main  # noqa: E402
-from hw1_mann import train as train_script  # noqa: E402
-
-# (group, model, K, N, hidden): the course grid, the hidden sweep at 1-shot 3-way, LSTM vs memory at (1, 4).
-EXPERIMENTS = [
-    ("grid", "lstm", 1, 2, 128), ("grid", "lstm", 2, 2, 128), ("grid", "lstm", 1, 3, 128), ("grid", "lstm", 1, 4, 128),
-    ("hidden", "lstm", 1, 3, 8), ("hidden", "lstm", 1, 3, 128), ("hidden", "lstm", 1, 3, 256),
-    ("memory", "lstm", 1, 4, 128), ("memory", "memory", 1, 4, 128),
+HOMEWORK = "hw1_mann"
+# (group, model, K, N, hidden, seed)
+COURSE = [
+    ("grid", "lstm", 1, 2, 128, 123), ("grid", "lstm", 2, 2, 128, 123), ("grid", "lstm", 1, 3, 128, 123),
+    ("grid", "lstm", 1, 4, 128, 123),
+    ("hidden", "lstm", 1, 3, 8, 123), ("hidden", "lstm", 1, 3, 128, 123), ("hidden", "lstm", 1, 3, 256, 123),
+    ("memory", "lstm", 1, 4, 128, 123), ("memory", "memory", 1, 4, 128, 123),
 ]
+SEEDS = [("seeds", "lstm", 1, 4, 128, seed) for seed in (123, 124, 125)]
+PRESETS = {  # experiments, training steps, eval/checkpoint period, final test tasks
+    "smoke": {"runs": SEEDS[:1], "train_steps": 300, "eval_freq": 50, "num_test_tasks": 200},
+    "cpu": {"runs": SEEDS, "train_steps": 18000, "eval_freq": 100, "num_test_tasks": 1000},
+    "course": {"runs": COURSE + SEEDS, "train_steps": 25000, "eval_freq": 100, "num_test_tasks": 1000},
+}
 GROUP_TITLES = {"grid": "course grid (LSTM)", "hidden": "hidden size, 1-shot 3-way (LSTM)",
-                "memory": "LSTM vs memory, 1-shot 4-way"}
+                "memory": "LSTM vs memory, 1-shot 4-way", "seeds": "LSTM, 1-shot 4-way, 3 seeds"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train_steps", type=positive_int, help="steps per run (default: 25000, --quick: 300)")
-    parser.add_argument("--eval_freq", type=positive_int, help="eval/checkpoint period (default: 100, --quick: 50)")
-    parser.add_argument("--num_test_tasks", type=positive_int, help="final test tasks (default: 1000, --quick: 200)")
-    parser.add_argument("--groups", nargs="+", choices=sorted(GROUP_TITLES), default=sorted(GROUP_TITLES),
-                        help="which experiment groups to run (default: all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="short defaults (300 steps per run, 200 test tasks) for a first look")
-    parser.add_argument("--out_dir", default="runs/hw1_mann/experiments", help="where the runs and report go")
-    parser.add_argument("--device", default="auto", help="passed to train.py (default: auto)")
-    parser.add_argument("--random_seed", type=int, default=123, help="passed to train.py (default: 123)")
-    args = parser.parse_args(argv)
-    # Explicit flags win over the --quick defaults.
-    defaults = (300, 50, 200) if args.quick else (25000, 100, 1000)
-    args.train_steps = args.train_steps or defaults[0]
-    args.eval_freq = args.eval_freq or defaults[1]
-    args.num_test_tasks = args.num_test_tasks or defaults[2]
-    return args
+def run_name(model: str, shots: int, ways: int, hidden: int, seed: int) -> str:
+    return f"{model}_K{shots}_N{ways}_H{hidden}_seed{seed}"
 
 
-def run_one(args: argparse.Namespace, model: str, shots: int, ways: int, hidden: int) -> dict[str, Any]:
-    flags = ["--model", model, "--num_shot", str(shots), "--num_classes", str(ways), "--hidden_dim", str(hidden),
-             "--train_steps", str(args.train_steps), "--eval_freq", str(args.eval_freq),
-             "--num_test_tasks", str(args.num_test_tasks), "--device", args.device,
-             "--random_seed", str(args.random_seed)]
-    run_dir = Path(args.out_dir) / train_script.run_name(train_script.parse_args(flags))
-    results = run_dir / "results.json"
-    if not results.exists():
-        resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
-        train_script.main(flags + ["--log_dir", str(run_dir)] + resume)
-    return {"dir": run_dir, "flags": flags, **json.loads(results.read_text())["metrics"]}
+def configs(preset: str) -> list[Config]:
+    sizes = PRESETS[preset]
+    return [Config(run_name(model, shots, ways, hidden, seed), "hw1_mann.train",
+                   ["--model", model, "--num_shot", str(shots), "--num_classes", str(ways), "--hidden_dim", str(hidden),
+                    "--random_seed", str(seed), "--train_steps", str(sizes["train_steps"]),
+                    "--eval_freq", str(sizes["eval_freq"]), "--num_test_tasks", str(sizes["num_test_tasks"])])
+            for _, model, shots, ways, hidden, seed in sizes["runs"]]
 
 
-def write_report(args: argparse.Namespace, rows: list[tuple[tuple, dict[str, Any]]]) -> None:
-    out = Path(args.out_dir)
-    lines = [f"Runs of {args.train_steps} steps, meta-batch 128, lr 1e-3, seed {args.random_seed}; test accuracy over "
-             f"{args.num_test_tasks} test tasks (95% interval); by instance: query accuracy after 0..K support rows.",
-             "", "| group | model | K | N | hidden | test acc | by instance | last val acc | steps/s |",
-             "|---|---|---:|---:|---:|---|---|---:|---:|"]
-    for (group, model, shots, ways, hidden), m in rows:
-        by_instance = ", ".join(f"{a:.3f}" for a in m["test_acc_by_instance"])
-        lines.append(f"| {group} | {model} | {shots} | {ways} | {hidden} | {m['test_acc']:.3f} +- "
-                     f"{m['test_acc_ci95']:.3f} | {by_instance} | {m['val_acc']:.3f} | {m['steps_per_sec']:.1f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+def report_for(preset: str):
+    """The report of ``preset``: a table row per experiment, a plot panel per group."""
+    runs = PRESETS[preset]["runs"]
 
-    groups = [g for g in GROUP_TITLES if any(key[0] == g for key, _ in rows)]
+    def report(frame: pd.DataFrame, out: Path) -> str:
+        lines = ["| group | model | K | N | hidden | seed | test acc (95%) | by instance | last val acc | steps/s |",
+                 "|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
+        seed_accs = []
+        for group, model, shots, ways, hidden, seed in runs:
+            name = run_name(model, shots, ways, hidden, seed)
+            acc = lookup(frame, name, "test_acc")
+            if acc is None:
+                lines.append(f"| {group} | {model} | {shots} | {ways} | {hidden} | {seed} | not finished | | | |")
+                continue
+            seed_accs += [acc] if group == "seeds" else []
+            by_instance = ", ".join(f"{a:.3f}" for a in lookup(frame, name, "test_acc_by_instance", []))
+            lines.append(f"| {group} | {model} | {shots} | {ways} | {hidden} | {seed} | {acc:.3f} ± "
+                         f"{lookup(frame, name, 'test_acc_ci95'):.3f} | {by_instance} | "
+                         f"{lookup(frame, name, 'val_acc', float('nan')):.3f} | "
+                         f"{lookup(frame, name, 'steps_per_sec', float('nan')):.1f} |")
+        header = (f"Runs of {PRESETS[preset]['train_steps']} steps, meta-batch 128, lr 1e-3; test accuracy over "
+                  f"{PRESETS[preset]['num_test_tasks']} test tasks; by instance: query accuracy after 0..K "
+                  "support rows.")
+        if len(seed_accs) > 1:
+            header += (f" Seeds at (K, N) = (1, 4): mean {np.mean(seed_accs):.3f}, std {np.std(seed_accs, ddof=1):.3f} "
+                       f"over {len(seed_accs)} seeds.")
+        plot(frame, runs, out / "test_acc_vs_step.png")
+        return header + "\n\n" + "\n".join(lines)
+
+    return report
+
+
+def plot(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
+    groups = [g for g in GROUP_TITLES if any(key[0] == g for key in runs)]
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
-        for (g, model, shots, ways, hidden), m in rows:
-            if g == group:
-                steps = [h["step"] for h in m["history"]]
-                ax.plot(steps, [h["test_acc"] for h in m["history"]], label=f"{model} K={shots} N={ways} H={hidden}")
+        for _, model, shots, ways, hidden, seed in (key for key in runs if key[0] == group):
+            history = lookup(frame, run_name(model, shots, ways, hidden, seed), "history", [])
+            ax.plot([h["step"] for h in history], [h["test_acc"] for h in history],
+                    label=f"{model} K={shots} N={ways} H={hidden} seed {seed}")
         ax.set(title=GROUP_TITLES[group], xlabel="training step", ylabel="test query accuracy (128 tasks)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "test_acc_vs_step.png", dpi=120)
-    print(f"wrote {out / 'results.md'} and {out / 'test_acc_vs_step.png'}")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    rows = [(key, run_one(args, *key[1:])) for key in EXPERIMENTS if key[0] in args.groups]
-    write_report(args, rows)
+    args = grid_parser(__doc__, presets=tuple(PRESETS)).parse_args(argv)
+    run_experiments(args, HOMEWORK, configs(args.preset), report_for(args.preset))
 
 
 if __name__ == "__main__":

@@ -1,49 +1,164 @@
-"""The course's hw2 experiment grid: train, meta-test with K = 1..10, write a table and plots.
+"""The hw2 experiments: ProtoNet task composition and MAML inner-loop settings, with tables and plots.
 
-    python hw2_protonet_maml/experiments.py --quick          # minutes on a CPU: short runs, fewer tasks
-    python hw2_protonet_maml/experiments.py --device cuda    # full length (use a GPU)
+    python hw2_protonet_maml/experiments.py --preset cpu --dry_run   # what would run, and what is done
+    python hw2_protonet_maml/experiments.py --preset cpu             # about an hour on 2 CPU cores
+    python hw2_protonet_maml/experiments.py --preset course --device cuda
 
-Runs (5-way): ProtoNet 5-shot and 1-shot; MAML 1-shot with (inner_lr 0.4, 1 step), (0.04, 1 step),
-(0.04, 5 steps) and learned inner rates started at 0.4. Both kinds of 1-shot model are then
-meta-tested with K = 1, 2, 4, 6, 8, 10 support examples and 10 queries per class. Finished runs are
-reused (their results.json exists), so an interrupted grid continues where it stopped.
-Everything lands in ``runs/hw2_protonet_maml/experiments[_quick]/``: ``results.md``,
-``results.json``, ``accuracy_vs_k.png`` and ``val_curves.png``.
+- ProtoNet, task composition: trained (and validated) on tasks of N_train in {5, 10, 20} classes with
+  K_train in {1, 5} support examples each; every model is trained once and meta-tested twice with
+  ``--test``: 5-way 1-shot and 5-way 5-shot, 15 queries per class.
+- MAML, 5-way 1-shot, inner loop: (inner lr 0.4, 1 step), (0.04, 1 step), (0.04, 5 steps) and learned
+  per-parameter rates started at 0.4; each model meta-tested with K = 1, 2, 4, 6, 8, 10 support
+  examples (10 queries per class).
+Presets: ``course`` = the course's 5000 ProtoNet / 15000 MAML iterations with the course network;
+``cpu`` = 300 / 1000 iterations, MAML with ``--conv_stride 2``. Sizing: an iteration of the six ProtoNet
+compositions together costs about 17x one 5-way 1-shot iteration (measured), i.e. about 3.4 s at the
+README's 0.2 s (bf16, 2 quiet cores); the four MAML settings about 1.4 s strided (README 2.5 s for
+the course network, about 10x less strided; 5 inner steps cost 2.5x one): about 45 min in all. On one
+thread of the shared CPU the smoke run measured 1.3 s per 5-way 1-shot ProtoNet iteration (6x the
+README's figure) and 0.6 s per strided MAML iteration (2.3x), which would make ``cpu`` about 3 h there.
+``smoke`` (``--quick``) = a few iterations, to check the pipeline (9.5 min on one shared thread).
+Every run is ``protonet.py`` / ``maml.py`` in ``runs/hw2_protonet_maml/experiments/<preset>/<name>``
+(see common/grid.py: finished runs are reused, killed ones resumed). Writes ``results.md``,
+``results.json``, ``protonet_composition.png``, ``accuracy_vs_k.png`` and ``val_curves.png``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
 import pandas as pd
 
-from common.checkpoint import list_checkpoints
-from common.device import DEVICE_CHOICES
-from common.runlog import runs_root, write_json
+from common.errors import cli_main
+from common.grid import Config, grid_parser, lookup, run_experiments
+from common.runlog import write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-TEST_SHOTS = (1, 2, 4, 6, 8, 10)
-GRID = {  # name -> (script, flags)
-    "protonet_5shot": ("protonet.py", ["--num_support", "5"]),
-    "protonet_1shot": ("protonet.py", ["--num_support", "1"]),
-    "maml_lr0.4_1step": ("maml.py", ["--inner_lr", "0.4", "--num_inner_steps", "1"]),
-    "maml_lr0.04_1step": ("maml.py", ["--inner_lr", "0.04", "--num_inner_steps", "1"]),
-    "maml_lr0.04_5steps": ("maml.py", ["--inner_lr", "0.04", "--num_inner_steps", "5"]),
-    "maml_learned_lr0.4": ("maml.py", ["--inner_lr", "0.4", "--num_inner_steps", "1", "--learn_inner_lrs"]),
+HOMEWORK = "hw2_protonet_maml"
+PRESETS = {  # iterations, validation and test sizes, MAML's conv stride
+    "smoke": {"protonet": 20, "maml": 10, "val_interval": 10, "num_val_tasks": 16, "num_test_tasks": 32, "stride": 2},
+    "cpu": {"protonet": 300, "maml": 1000, "val_interval": 100, "num_val_tasks": 128, "num_test_tasks": 600,
+            "stride": 2},
+    "course": {"protonet": 5000, "maml": 15000, "val_interval": 100, "num_val_tasks": 128, "num_test_tasks": 600,
+               "stride": 1},
 }
+PROTONET_WAYS = (5, 10, 20)  # N_train
+PROTONET_SHOTS = (1, 5)  # K_train, and K at meta-test
+PROTONET_QUERIES = 15
+MAML_SETTINGS = {  # name -> inner-loop flags
+    "lr0.4_1step": ["--inner_lr", "0.4", "--num_inner_steps", "1"],
+    "lr0.04_1step": ["--inner_lr", "0.04", "--num_inner_steps", "1"],
+    "lr0.04_5steps": ["--inner_lr", "0.04", "--num_inner_steps", "5"],
+    "learned_lr0.4": ["--inner_lr", "0.4", "--num_inner_steps", "1", "--learn_inner_lrs"],
+}
+MAML_TEST_SHOTS = (1, 2, 4, 6, 8, 10)
+MAML_QUERIES = 10
 
 
-def run(script: str, flags: list[str]) -> None:
-    print("$ python", f"hw2_protonet_maml/{script}", " ".join(flags), flush=True)
-    subprocess.run([sys.executable, str(HERE / script), *flags], check=True)
+def evaluation_configs(train: Config, shots: tuple[int, ...], queries: int, iterations: int,
+                       tags: dict) -> list[Config]:
+    """``--test`` evaluations of the final checkpoint of ``train``, in its run folder."""
+    return [Config(f"{train.name}_test{k}shot", train.main,
+                   [*train.argv, "--test", "--test_num_support", str(k), "--test_num_query", str(queries)],
+                   tags={**tags, "test_shot": k}, folder=train.name, resume=False,
+                   results=f"test_way5_shot{k}_query{queries}_step{iterations}.json")
+            for k in shots]
+
+
+def configs(preset: str, protocol: str) -> list[Config]:
+    sizes = PRESETS[preset]
+    common = ["--num_way", "5", "--protocol", protocol, "--val_interval", str(sizes["val_interval"]),
+              "--num_val_tasks", str(sizes["num_val_tasks"]), "--num_test_tasks", str(sizes["num_test_tasks"])]
+    grid = []
+    for way in PROTONET_WAYS:
+        for shot in PROTONET_SHOTS:
+            tags = {"algorithm": "protonet", "train_way": way, "train_shot": shot}
+            train = Config(f"protonet_N{way}_K{shot}", "hw2_protonet_maml.protonet",
+                           [*common, "--train_num_way", str(way), "--num_support", str(shot),
+                            "--num_query", str(PROTONET_QUERIES), "--num_train_iterations", str(sizes["protonet"])],
+                           tags=tags)
+            grid += [train, *evaluation_configs(train, PROTONET_SHOTS, PROTONET_QUERIES, sizes["protonet"], tags)]
+    for setting, flags in MAML_SETTINGS.items():
+        tags = {"algorithm": "maml", "setting": setting}
+        train = Config(f"maml_{setting}", "hw2_protonet_maml.maml",
+                       [*common, *flags, "--num_support", "1", "--conv_stride", str(sizes["stride"]),
+                        "--num_train_iterations", str(sizes["maml"])], tags=tags)
+        grid += [train, *evaluation_configs(train, MAML_TEST_SHOTS, MAML_QUERIES, sizes["maml"], tags)]
+    return grid
+
+
+def accuracy(frame: pd.DataFrame, name: str) -> str:
+    """``98.43 ± 0.24`` (test accuracy in %, 95% interval) of a finished run or evaluation, else empty."""
+    mean, ci = lookup(frame, name, "test_accuracy"), lookup(frame, name, "test_ci95")
+    return "" if mean is None else f"{100 * mean:.2f} ± {100 * ci:.2f}"
+
+
+def report(frame: pd.DataFrame, out: Path) -> str:
+    proto = pd.DataFrame([
+        {"N_train": way, "K_train": shot,
+         **{f"5-way {k}-shot test %": accuracy(frame, f"protonet_N{way}_K{shot}_test{k}shot") for k in PROTONET_SHOTS},
+         "train s": lookup(frame, f"protonet_N{way}_K{shot}", "train_seconds")}
+        for way in PROTONET_WAYS for shot in PROTONET_SHOTS])
+    maml_rows = []
+    for setting in MAML_SETTINGS:
+        name = f"maml_{setting}"
+        pre, post = (lookup(frame, name, f"test_support_acc_{when}") for when in ("pre", "post"))
+        maml_rows.append({
+            "setting": setting, "5-way 1-shot test % (15 queries)": accuracy(frame, name),
+            "support acc pre/post": "" if pre is None else f"{pre:.3f}/{post:.3f}",
+            **{f"K={k} %": accuracy(frame, f"{name}_test{k}shot") for k in MAML_TEST_SHOTS},
+            "train s": lookup(frame, name, "train_seconds")})
+    maml = pd.DataFrame(maml_rows)
+    write_json(out / "results.json", {"protonet": proto.to_dict(orient="records"),
+                                      "maml": maml.to_dict(orient="records")})
+    plot_composition(frame, out / "protonet_composition.png")
+    plot_accuracy_vs_k(frame, out / "accuracy_vs_k.png")
+    plot_curves(frame[frame["test_shot"].isna()] if "test_shot" in frame else frame, out / "val_curves.png")
+    return ("## ProtoNet: training task composition (meta-test 5-way, 15 queries, 95% interval)\n\n"
+            + proto.to_markdown(index=False, floatfmt=".1f")
+            + "\n\n## MAML 5-way 1-shot: inner-loop settings, meta-tested with K support examples (10 queries)\n\n"
+            + maml.to_markdown(index=False, floatfmt=".1f"))
+
+
+def plot_points(ax: plt.Axes, frame: pd.DataFrame, xs: tuple[int, ...], names: list[str], label: str) -> None:
+    """Test accuracy with its 95% interval against ``xs``, for the finished ones of ``names``."""
+    points = [(x, lookup(frame, name, "test_accuracy"), lookup(frame, name, "test_ci95")) for x, name in zip(xs, names)]
+    points = [point for point in points if point[1] is not None]
+    if points:
+        x, y, ci = zip(*points)
+        ax.errorbar(x, y, yerr=ci, marker="o", capsize=3, label=label)
+
+
+def plot_composition(frame: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, len(PROTONET_SHOTS), figsize=(10, 4), sharey=True)
+    for axis, test_shot in zip(axes, PROTONET_SHOTS):
+        for shot in PROTONET_SHOTS:
+            plot_points(axis, frame, PROTONET_WAYS,
+                        [f"protonet_N{way}_K{shot}_test{test_shot}shot" for way in PROTONET_WAYS], f"K_train = {shot}")
+        axis.set(xlabel="N_train (classes per training task)", title=f"meta-test 5-way {test_shot}-shot",
+                 xticks=PROTONET_WAYS)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[0].set_ylabel("test accuracy (95% interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_k(frame: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for setting in MAML_SETTINGS:
+        plot_points(ax, frame, MAML_TEST_SHOTS, [f"maml_{setting}_test{k}shot" for k in MAML_TEST_SHOTS], setting)
+    ax.set(xlabel="support examples per class at meta-test (K)", ylabel="test accuracy (10 queries/class)",
+           title="MAML meta-trained with K=1, tested with more support")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def val_curve(run_dir: Path) -> pd.Series:
@@ -57,92 +172,29 @@ def val_curve(run_dir: Path) -> pd.Series:
     return pd.Series([p.value for p in points], index=[p.step for p in points])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="short runs for a quick look: 200 ProtoNet / 40 MAML iterations, 100 test tasks")
-    parser.add_argument("--only", nargs="+", choices=sorted(GRID), default=sorted(GRID), help="subset of runs")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    parser.add_argument("--protocol", choices=("cs330", "vinyals"), default="cs330")
-    parser.add_argument("--bf16", action="store_true", help="pass --bf16 to every run (MAML: query pass only)")
-    parser.add_argument("--compile_query", action="store_true", help="pass --compile_query to MAML runs")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/hw2_protonet_maml/experiments)")
-    args = parser.parse_args()
-
-    out = Path(args.out) if args.out else runs_root() / "hw2_protonet_maml" / (
-        "experiments_quick" if args.quick else "experiments")
-    iterations = {"protonet.py": 200, "maml.py": 40} if args.quick else {"protonet.py": 5000, "maml.py": 15000}
-    test_tasks = "100" if args.quick else "600"
-    rows, curves = [], {}
-    for name in args.only:
-        script, flags = GRID[name]
-        run_dir = out / name
-        common = ["--num_way", "5", "--device", args.device, "--protocol", args.protocol, "--log_dir", str(run_dir),
-                  "--num_test_tasks", test_tasks]
-        if args.quick:
-            common += ["--val_interval", "20" if script == "maml.py" else "50", "--num_val_tasks", "32"]
-        if args.bf16:
-            common.append("--bf16")
-        if args.compile_query and script == "maml.py":
-            common.append("--compile_query")
-        if not (run_dir / "results.json").exists():
-            resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
-            run(script, [*flags, *common, "--num_train_iterations", str(iterations[script]), *resume])
-        metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
-        row = {"run": name, "test acc (train K)": metrics["test_accuracy"], "ci95": metrics["test_ci95"],
-               "train s": metrics["train_seconds"]}
-        if "test_support_acc_pre" in metrics:
-            pre, post = metrics["test_support_acc_pre"], metrics["test_support_acc_post"]
-            row["support acc pre/post"] = f"{pre:.3f}/{post:.3f}"
-        if "1shot" in name or name.startswith("maml"):
-            for k in TEST_SHOTS:
-                result = run_dir / f"test_way5_shot{k}_query10_step{max(list_checkpoints(run_dir))}.json"
-                if not result.exists():
-                    run(script, [*flags, *common, "--test", "--test_num_support", str(k), "--test_num_query", "10"])
-                tested = json.loads(result.read_text())
-                row[f"K={k}"] = tested["test_accuracy"]
-                row[f"K={k} ci95"] = tested["test_ci95"]
-        rows.append(row)
-        curves[name] = val_curve(run_dir)
-
-    table = pd.DataFrame(rows).set_index("run")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", table.reset_index().to_dict(orient="records"))
-    shown = table[[c for c in table.columns if not c.endswith(" ci95") or c == "ci95"]]
-    (out / "results.md").write_text(shown.to_markdown(floatfmt=".4f") + "\n")
-    print(shown.to_markdown(floatfmt=".4f"))
-    plot_accuracy_vs_k(table, out / "accuracy_vs_k.png")
-    plot_curves(curves, out / "val_curves.png")
-    print(f"wrote {out}/results.md, results.json, accuracy_vs_k.png, val_curves.png")
-
-
-def plot_accuracy_vs_k(table: pd.DataFrame, path: Path) -> None:
+def plot_curves(trained: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, row in table.iterrows():
-        if f"K={TEST_SHOTS[0]}" not in row or pd.isna(row[f"K={TEST_SHOTS[0]}"]):
-            continue
-        ax.errorbar(TEST_SHOTS, [row[f"K={k}"] for k in TEST_SHOTS], yerr=[row[f"K={k} ci95"] for k in TEST_SHOTS],
-                    marker="o", capsize=3, label=name)
-    ax.set(xlabel="support examples per class at meta-test (K)", ylabel="test accuracy (10 queries/class)",
-           title="Meta-trained with K=1, tested with more support")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(curves: dict[str, pd.Series], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
+    for name, run_dir in zip(trained["name"], trained["run_dir"]):
+        curve = val_curve(run_dir)
         if len(curve):
             ax.plot(curve.index, curve.values, marker=".", label=name)
-    ax.set(xlabel="meta-training iteration", ylabel="validation query accuracy", title="Validation during training")
+    ax.set(xlabel="meta-training iteration", ylabel="validation query accuracy (training N and K)",
+           title="Validation during training")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:  # no TensorBoard events (e.g. the runs were copied without them): an empty plot
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    parser = grid_parser(__doc__, presets=tuple(PRESETS))
+    parser.add_argument("--protocol", choices=("cs330", "vinyals"), default="cs330",
+                        help="class split passed to every run (default: cs330)")
+    args = parser.parse_args(argv)
+    run_experiments(args, HOMEWORK, configs(args.preset, args.protocol), report)
 
 
 if __name__ == "__main__":
