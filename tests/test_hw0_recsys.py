@@ -21,7 +21,6 @@ import torch
 
 from common.checkpoint import list_checkpoints, non_finite_tensors
 from common.errors import CS330Error
-from common.run import RunFolder
 from hw0_recsys import train as train_script
 from hw0_recsys.data import Ratings, holdout, load_split, read_ratings
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
@@ -229,30 +228,34 @@ def test_same_seed_reproduces_and_other_seed_differs(synthetic_dir, tmp_path):
     assert metrics_only(first) != metrics_only(other)
 
 
-class SimulatedKill(Exception):
-    pass
+def start_train(log: Path, *flags: str) -> subprocess.Popen:
+    # A real process, as a user's run would be: the kill is a real SIGKILL at an arbitrary instruction.
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(SCRIPT), *flags], env=script_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_flags", [("--batch_size", "64"), ("--model", "svdpp", "--embedding_dim", "8")])
-def test_resume_after_a_kill_gives_identical_final_metrics(synthetic_dir, tmp_path, monkeypatch, model_flags):
-    flags = ("--num_epochs", "4", "--checkpoint_every", "1", "--eval_every", "1", *model_flags)
-    uninterrupted = train_script.main(train_args(synthetic_dir, tmp_path / "full", *flags))
-
-    real_save = RunFolder.save
-
-    def save_then_die(run, step, state, keep_last=None):
-        path = real_save(run, step, state, keep_last)
-        if step == 2:
-            raise SimulatedKill  # dies right after the epoch-2 checkpoint, before epoch 3 starts
-        return path
-
-    monkeypatch.setattr(RunFolder, "save", save_then_die)
-    with pytest.raises(SimulatedKill):
-        train_script.main(train_args(synthetic_dir, tmp_path / "killed", *flags))
-    monkeypatch.setattr(RunFolder, "save", real_save)
-    torch.manual_seed(12345)  # a restarted process has fresh global RNG state; resume must restore it
-    resumed = train_script.main(train_args(synthetic_dir, tmp_path / "killed", *flags, "--resume"))
-    assert metrics_only(resumed) == metrics_only(uninterrupted)
+def test_resume_after_sigkill_gives_identical_final_metrics(synthetic_dir, tmp_path, model_flags):
+    flags = ("--num_epochs", "40", "--checkpoint_every", "1", "--eval_every", "1", *model_flags)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    uninterrupted = start_train(tmp_path / "straight.log", *train_args(synthetic_dir, straight, *flags))
+    proc = start_train(tmp_path / "killed.log", *train_args(synthetic_dir, killed, *flags))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoints" / "step0000003.pt").exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = start_train(tmp_path / "resumed.log", *train_args(synthetic_dir, killed, *flags, "--resume"))
+    for run, log in ((uninterrupted, "straight.log"), (resumed, "resumed.log")):
+        assert run.wait() == 0, (tmp_path / log).read_text()[-2000:]
+    saved = {name: json.loads((folder / "results.json").read_text())["metrics"]
+             for name, folder in (("straight", straight), ("killed", killed))}
+    assert metrics_only(saved["killed"]) == metrics_only(saved["straight"])
 
 
 # ---------------------------------------------------------------- resume rules
