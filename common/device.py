@@ -108,5 +108,6 @@ def setup_compute(device: str, precision: str, threads: int | None,
     configure_threads(threads)
     resolved = resolve_device(device)
     chosen, why = resolve_precision(precision, resolved, fp32_because)
-    print(f"precision: {chosen} ({why})", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per process
+        print(f"precision: {chosen} ({why})", flush=True)
     return resolved, chosen

@@ -3,6 +3,12 @@
 A meta-learner is any ``nn.Module`` that follows :class:`MetaLearner`; :class:`MetaTrainer` samples
 meta-batches, steps the optimizer, logs, validates, checkpoints (through ``common.run``), then tests
 on ``num_test_tasks`` tasks from the test characters with a 95% interval.
+
+Under ``torchrun --nproc_per_node=N`` the same loop runs data-parallel (``common.distributed``):
+every rank draws the full meta-batch from the same seeded sampler and trains on its equal share of
+the tasks, gradients are averaged, and evaluation tasks are split by batch. Rank 0 alone owns the
+run folder (lock, logs, checkpoints, results). In fp32 the result equals the single-process run up
+to floating-point rounding (tests/test_distributed.py measures it).
 """
 
 from __future__ import annotations
@@ -10,13 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from common import distributed
 from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from common.cli import add_run_args, positive_float, positive_int
 from common.device import autocast
@@ -59,7 +66,7 @@ class MetaLearner(Protocol):
                 loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_labels.flatten())
                 return loss, {"loss": loss.detach(), "query_acc": accuracy(logits, episodes.query_labels)}
 
-        MetaTrainer(Baseline(5), torch.optim.Adam(...), settings, run_name, hparams).run()
+        MetaTrainer(Baseline(5), torch.optim.Adam(...), settings, hparams).run()
     """
 
     per_task_eval: bool
@@ -186,17 +193,24 @@ def check_drawings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 # ---------------------------------------------------------------------------- the loop
 class MetaTrainer:
-    """Owns the data, the run folder and the loop for one run of one meta-learner."""
+    """Owns the data, the run folder and the loop for one run of one meta-learner (in this process;
+    under ``torchrun``, one rank's part of it)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
                  hparams: dict) -> None:
-        self.settings = s = settings
+        self.world = distributed.init_from_env(settings.device)  # one process: nothing happens
+        distributed.check_batch_split(settings.batch_size, self.world)
+        self.settings = s = replace(settings, device=self.world.device)  # cuda -> cuda:LOCAL_RANK
         self.model = model.to(s.device)
         if s.precision == "bf16":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = optimizer
         self.hparams = hparams
-        self.store = OmniglotStore.load(s.data_dir)
+        # Rank 0 first (it may download and cache the data), then the others read its cache.
+        store = distributed.run_on_main(lambda: OmniglotStore.load(s.data_dir), self.world)
+        self.store = store if self.world.is_main else OmniglotStore.load(s.data_dir)
+        # Running statistics that the ranks' shares of the tasks update separately (ProtoNet's).
+        self._bn = distributed.bn_layers(self.model) if self.world.enabled else []
         self._splits: dict[str, torch.Tensor] = {}
         self._check_class_counts()
 
@@ -222,14 +236,24 @@ class MetaTrainer:
 
     def evaluate(self, split: str, num_tasks: int, num_way: int, num_support: int, num_query: int,
                  ) -> dict[str, list[float]]:
-        """Per-task metrics on ``num_tasks`` fixed tasks (the same tasks for every model)."""
-        s = self.settings
+        """Per-task metrics on ``num_tasks`` fixed tasks (the same tasks for every model).
+
+        Several processes: every rank draws every batch (so the tasks are one process's) and
+        evaluates batches r, r+N, r+2N, ...; the batches are gathered back in order, so the lists
+        (and their means) are the single-process ones.
+        """
+        s, world = self.settings, self.world
         sampler = self.sampler(split, num_way, num_support, num_query, EVAL_SEED)
+        bn_start = distributed.bn_snapshot(self._bn)
         self.model.eval()
-        per_task: dict[str, list[float]] = {}
+        batches = []  # (batch index, {metric: per-task values}, batch-norm update) of this rank's batches
         with torch.no_grad():
-            for done in range(0, num_tasks, s.batch_size):
+            for index, done in enumerate(range(0, num_tasks, s.batch_size)):
                 episodes = sampler.sample(min(s.batch_size, num_tasks - done))
+                if index % world.world_size != world.rank:
+                    continue
+                bn_before = distributed.bn_snapshot(self._bn)
+                per_task: dict[str, list[float]] = {}
                 # A model that normalizes with batch statistics sees one task per forward, so
                 # the statistics (and its predictions) are per task, never mixed across tasks.
                 chunks = split_tasks(episodes) if self.model.per_task_eval else [episodes]
@@ -239,45 +263,78 @@ class MetaTrainer:
                     metrics.pop("loss")
                     for key, value in metrics.items():
                         per_task.setdefault(key, []).extend(value.tolist())
+                batches.append((index, per_task, distributed.bn_update_since(self._bn, bn_before)))
         self.model.train()
-        return per_task
+        batches = sorted(distributed.gather_lists(batches, world), key=lambda batch: batch[0])
+        if self._bn:  # running statistics as one process would have updated them, batch after batch
+            distributed.bn_replay(self._bn, bn_start, [update for _, _, update in batches])
+        merged: dict[str, list[float]] = {}
+        for _, per_task, _ in batches:
+            for key, values in per_task.items():
+                merged.setdefault(key, []).extend(values)
+        return merged
 
     def run(self, test_only: bool = False, checkpoint_step: int = -1) -> Path:
         """What the script was asked for: evaluate a checkpoint (``test_only``) or train, then test."""
-        s = self.settings
+        s, world = self.settings, self.world
         if test_only:
-            state = load_checkpoint(s.run_dir, checkpoint_step, map_location=s.device)  # says so if none
-            with RunFolder.open(s.run_dir, self.hparams, resume=True, resumable=RESUMABLE_FLAGS):
+            # Rank 0 reads the checkpoint and sends it (the run folder may be on its machine only).
+            state = distributed.run_on_main(lambda: load_checkpoint(s.run_dir, checkpoint_step, self._location),
+                                            world, share=True)
+            with self._open_run(resume=True):
                 self._test_checkpoint(state)
         else:
-            with RunFolder.open(s.run_dir, self.hparams, resume=s.resume, resumable=RESUMABLE_FLAGS,
-                                test_hint="--test to evaluate it") as run:
+            with self._open_run(resume=s.resume, test_hint="--test to evaluate it") as run:
                 self._train(run)
+        distributed.destroy(world)
         return s.run_dir
 
-    def _train(self, run: RunFolder) -> None:
+    @property
+    def _location(self) -> str | torch.device:
+        """Where checkpoints are loaded: the device, or the CPU when rank 0 sends them to the others."""
+        return "cpu" if self.world.enabled else self.settings.device
+
+    def _open_run(self, resume: bool, test_hint: str = "") -> RunFolder | distributed.FollowerRun:
+        """Rank 0 opens the run folder (lock, resume rules); a refusal stops every rank. The other
+        ranks get a :class:`FollowerRun`, which writes nothing."""
         s = self.settings
+        run = distributed.run_on_main(lambda: RunFolder.open(s.run_dir, self.hparams, resume=resume,
+                                                             resumable=RESUMABLE_FLAGS, test_hint=test_hint),
+                                      self.world)
+        return run if self.world.is_main else distributed.FollowerRun()
+
+    def _train(self, run: RunFolder | distributed.FollowerRun) -> None:
+        s, world = self.settings, self.world
         start_step, elapsed, reached_target = 0, 0.0, None
         train_sampler = self.sampler("train", s.train_num_way, s.num_support, s.num_query, s.seed)
-        state = run.resume_state(map_location=s.device)
-        if state is not None:
+        state = distributed.run_on_main(lambda: run.resume_state(map_location=self._location), world, share=True)
+        if state is not None:  # every rank continues from rank 0's checkpoint
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             train_sampler.load_state_dict(state["sampler"])
             restore_rng_state(state["rng"])
             start_step, elapsed, reached_target = state["step"], state["elapsed"], state.get("time_to_val_target")
         logger = run.logger(start_step=start_step, total_steps=s.num_train_iterations)
-        logger.write(f"run folder: {s.run_dir}" + (f" (resuming at step {start_step})" if start_step else ""))
+        logger.write(f"run folder: {s.run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
+                     + (f" ({world.world_size} processes)" if world.enabled else ""))
         tic = time.perf_counter() - elapsed
         for step in range(start_step + 1, s.num_train_iterations + 1):
+            # Every rank draws the whole meta-batch (cheap), so the sampler state is the same everywhere.
+            episodes = self._my_tasks(train_sampler.sample(s.batch_size))
+            bn_before = distributed.bn_snapshot(self._bn)
             with autocast(s.device, s.precision):
-                loss, metrics = self.model(train_sampler.sample(s.batch_size))
-            run.check_loss(loss.item(), step)
+                loss, metrics = self.model(episodes)
+            # Means over all tasks (every rank has the same values, so all ranks stop together on NaN).
+            logged = metrics if step % LOG_INTERVAL == 0 else {"loss": metrics["loss"]}
+            means = distributed.mean_over_ranks({k: v.mean() for k, v in logged.items()}, world)
+            run.check_loss(means["loss"], step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(self.model.parameters(), world)  # the whole meta-batch's gradient
+            # After backward: batch norm's backward may read the running statistics it saved.
+            distributed.bn_sync(self._bn, bn_before, world)  # as if one process ran all the tasks in order
             self.optimizer.step()
             if step % LOG_INTERVAL == 0:
-                means = {k: v.mean().item() for k, v in metrics.items()}
                 logger.log({f"train/{k}": v for k, v in means.items()}, step)
                 logger.advance(step, loss=means["loss"], acc=means["query_acc"])
             if step % s.val_interval == 0 or step == s.num_train_iterations:
@@ -299,7 +356,15 @@ class MetaTrainer:
                        f"seconds_to_val_acc_{VAL_TARGET}": reached_target})
         logger.close()
 
-    def test(self, logger: RunLogger | None = None) -> dict[str, float]:
+    def _my_tasks(self, episodes: Episodes) -> Episodes:
+        """This rank's equal, contiguous share of a meta-batch (all of it for one process): rank r
+        of N takes tasks [r*B/N, (r+1)*B/N), so the shares in rank order are the meta-batch."""
+        if not self.world.enabled:
+            return episodes
+        tasks = distributed.shard(0, self.settings.batch_size, self.world)
+        return Episodes(*(t[tasks] for t in episodes))
+
+    def test(self, logger: RunLogger | distributed.QuietLogger | None = None) -> dict[str, float]:
         """Mean query accuracy over the test tasks with its 95% interval."""
         s = self.settings
         per_task = self.evaluate("test", s.num_test_tasks, s.test_num_way, s.test_num_support, s.test_num_query)
@@ -312,17 +377,21 @@ class MetaTrainer:
                 results[f"test_{key}"] = mean_ci95(per_task[key])[0]
         message = (f"test accuracy ({s.test_num_way}-way {s.test_num_support}-shot, "
                    f"{s.num_test_tasks} tasks): {100 * mean:.2f}% +- {100 * ci:.2f}% (95% interval)")
-        (logger.write if logger else print)(message)
+        if logger is not None:
+            logger.write(message)
+        elif self.world.is_main:
+            print(message)
         return results
 
     def _test_checkpoint(self, state: dict) -> None:
         s = self.settings
         self.model.load_state_dict(state["model"])
         results = self.test()
-        name = (f"test_way{s.test_num_way}_shot{s.test_num_support}"
-                f"_query{s.test_num_query}_step{state['step']}.json")
-        write_json(s.run_dir / name, {"checkpoint_step": state["step"], **results})
-        print(f"wrote {s.run_dir / name}")
+        if self.world.is_main:
+            name = (f"test_way{s.test_num_way}_shot{s.test_num_support}"
+                    f"_query{s.test_num_query}_step{state['step']}.json")
+            write_json(s.run_dir / name, {"checkpoint_step": state["step"], **results})
+            print(f"wrote {s.run_dir / name}")
 
 
 def split_tasks(episodes: Episodes) -> Iterator[Episodes]:
