@@ -32,6 +32,7 @@ import pandas as pd
 
 from common.errors import cli_main
 from common.grid import Config, grid_parser, lookup, run_experiments
+from common.omniglot import PROTOCOLS
 from common.runlog import write_json
 
 matplotlib.use("Agg")
@@ -191,7 +192,7 @@ def plot_curves(trained: pd.DataFrame, path: Path) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = grid_parser(__doc__, presets=tuple(PRESETS))
-    parser.add_argument("--protocol", choices=("cs330", "vinyals"), default="cs330",
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cs330",
                         help="class split passed to every run (default: cs330)")
     args = parser.parse_args(argv)
     run_experiments(args, HOMEWORK, configs(args.preset, args.protocol), report)
