@@ -15,7 +15,7 @@ def task_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits[:, -1].argmax(-1) == labels[:, -1].argmax(-1)).float().mean(dim=1)
 
 
-def _batch_sizes(num_tasks: int, batch_size: int) -> list[int]:
+def batch_sizes(num_tasks: int, batch_size: int) -> list[int]:
     return [batch_size] * (num_tasks // batch_size) + ([num_tasks % batch_size] if num_tasks % batch_size else [])
 
 
@@ -31,13 +31,13 @@ def evaluate(model: nn.Module, sampler: SequenceSampler, num_tasks: int, batch_s
     was_training = model.training
     model.eval()
     accuracies, losses, by_row = [], [], []
-    for size in _batch_sizes(num_tasks, batch_size):
+    for size in batch_sizes(num_tasks, batch_size):
         batch = sampler.sample(size)
         logits = model(*batch)
         accuracies.append(task_accuracies(logits, batch.labels))
         losses.append(query_loss(logits, batch.labels).item() * size)
         if by_instance:
-            by_row.append(torch.stack([_prefix_accuracy(model, batch, shots).sum()
+            by_row.append(torch.stack([prefix_accuracy(model, batch, shots).sum()
                                        for shots in range(sampler.num_shot + 1)]))
     model.train(was_training)
     acc, ci95 = mean_ci95(torch.cat(accuracies).cpu().numpy())
@@ -47,7 +47,7 @@ def evaluate(model: nn.Module, sampler: SequenceSampler, num_tasks: int, batch_s
     return result
 
 
-def _prefix_accuracy(model: nn.Module, batch: SequenceBatch, shots: int) -> torch.Tensor:
+def prefix_accuracy(model: nn.Module, batch: SequenceBatch, shots: int) -> torch.Tensor:
     """Per-task query accuracy ``[B]`` with only the first ``shots`` support rows in the sequence."""
     rows = list(range(shots)) + [batch.images.shape[1] - 1]
     images, labels = batch.images[:, rows], batch.labels[:, rows]  # [B, shots+1, N, ...]

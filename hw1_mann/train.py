@@ -13,11 +13,21 @@ by instance number) and everything goes to ``results.json`` in the run folder.
 The run folder follows ``common.run.RunFolder``: one run at a time per folder, ``--resume`` only
 with the run's flags (``--train_steps``, ``--eval_freq`` and ``--num_test_tasks`` may change), the
 loss checked for NaN/inf at every step, and no checkpoint ever written with non-finite weights.
+
+    torchrun --standalone --nproc_per_node=2 hw1_mann/train.py ...   # data-parallel, same result
+
+Under ``torchrun`` (``common.distributed``) every rank draws the whole meta-batch from the same
+seeded sampler and trains on its equal, contiguous share of the tasks; the gradients are averaged
+(``query_loss`` is a mean over tasks, so that is the single-process gradient), evaluation batches
+are split over the ranks and gathered in order, and rank 0 alone owns the run folder. In fp32 the
+weights equal the single-process run's up to rounding and the evaluation figures exactly
+(tests/test_distributed_hw1.py measures it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -25,16 +35,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from common import distributed
 from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
 from common.cli import add_run_args, positive_float, positive_int
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
-from common.errors import cli_main
+from common.errors import CS330Error, cli_main
 from common.omniglot import OmniglotStore
 from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
-from hw1_mann.data import SequenceSampler, check_task_shape
-from hw1_mann.evaluate import evaluate
+from common.stats import mean_ci95
+from hw1_mann.data import SequenceBatch, SequenceSampler, check_task_shape
+from hw1_mann.evaluate import batch_sizes, evaluate, prefix_accuracy, task_accuracies
 from hw1_mann.models import build_model, query_loss
 
 HOMEWORK = "hw1_mann"
@@ -98,11 +110,20 @@ def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    world = distributed.init_from_env(device)  # one process: nothing happens
+    check_meta_batch_split(args.meta_batch_size, world)
+    device = world.device  # under torchrun, cuda -> cuda:LOCAL_RANK
 
     # Everything that can fail before training fails here, before the run folder exists.
-    store = OmniglotStore.load(args.data_dir)
-    splits = {name: store.split(name) for name in ("train", "val", "test")}
-    check_task_shape(args.num_classes, args.num_shot, {name: len(images) for name, images in splits.items()})
+    def load_splits() -> dict[str, torch.Tensor]:
+        store = OmniglotStore.load(args.data_dir)
+        splits = {name: store.split(name) for name in ("train", "val", "test")}
+        check_task_shape(args.num_classes, args.num_shot, {name: len(images) for name, images in splits.items()})
+        return splits
+
+    # Rank 0 first (it may download and cache the data; a refusal is one error line), then the others.
+    splits = distributed.run_on_main(load_splits, world)
+    splits = splits if world.is_main else load_splits()
     seed_everything(args.random_seed)  # before the model is built: its initial weights depend on the seed
     model = build_model(args.model, args.num_classes, args.hidden_dim, memory_slots=args.memory_slots,
                         memory_dim=args.memory_dim, num_reads=args.num_reads).to(device)
@@ -112,32 +133,102 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     hparams = {**{k: v for k, v in vars(args).items() if k not in {"resume", "test"}}, "precision": precision}
     run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name(args, precision)
+    # Checkpoints are read by rank 0 alone and sent to the others through the CPU.
+    location = "cpu" if world.enabled else device
     if args.test:
-        state = load_checkpoint(run_dir, map_location=device)  # a one-line error when there is none
-        with RunFolder.open(run_dir, hparams, resume=True, resumable=RESUMABLE_FLAGS):  # same flags as the run
-            return evaluate_checkpoint(args, model, state, samplers["final"], device, precision)
-    with RunFolder.open(run_dir, hparams, resume=args.resume, resumable=RESUMABLE_FLAGS,
-                        test_hint="--test to evaluate it") as run:
-        return train(run, args, model, optimizer, samplers, device, precision)
+        # A one-line error when there is none.
+        state = distributed.run_on_main(lambda: load_checkpoint(run_dir, map_location=location), world, share=True)
+        with open_run(world, run_dir, hparams, resume=True):  # same flags as the run
+            result = evaluate_checkpoint(args, model, state, samplers["final"], world, precision)
+    else:
+        with open_run(world, run_dir, hparams, resume=args.resume, test_hint="--test to evaluate it") as run:
+            result = train(run, run_dir, args, model, optimizer, samplers, world, precision, location)
+    distributed.destroy(world)
+    return result
+
+
+def check_meta_batch_split(meta_batch_size: int, world: distributed.World) -> None:
+    """``common.distributed.check_batch_split`` (an even split of every meta-batch, else one error line
+    from rank 0 and the same exit status from all), in the words of hw1's flag."""
+    try:
+        distributed.check_batch_split(meta_batch_size, world)
+    except CS330Error as err:
+        raise CS330Error(str(err).replace("--batch_size", "--meta_batch_size")) from None
+
+
+def open_run(world: distributed.World, run_dir: Path, hparams: dict[str, Any], resume: bool,
+             test_hint: str = "") -> RunFolder | distributed.FollowerRun:
+    """Rank 0 opens the run folder (lock, resume rules); a refusal stops every rank. The other ranks
+    get a ``FollowerRun``, which writes nothing but stops where rank 0 stops."""
+    run = distributed.run_on_main(lambda: RunFolder.open(run_dir, hparams, resume=resume, resumable=RESUMABLE_FLAGS,
+                                                         test_hint=test_hint), world)
+    return run if world.is_main else distributed.FollowerRun()
+
+
+def my_tasks(batch: SequenceBatch, world: distributed.World) -> SequenceBatch:
+    """This rank's contiguous share of a meta-batch (all of it for one process): rank r of N takes
+    tasks [r*B/N, (r+1)*B/N), so the shares in rank order are the meta-batch."""
+    if not world.enabled:
+        return batch
+    tasks = distributed.shard(0, batch.images.shape[0], world)
+    return SequenceBatch(*(t[tasks] for t in batch))  # images [B/N, K+1, N, 784], labels [B/N, K+1, N, N]
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, sampler: SequenceSampler, num_tasks: int, batch_size: int,
+                   world: distributed.World, by_instance: bool = False) -> dict[str, float | list[float]]:
+    """``hw1_mann.evaluate.evaluate``, with the batches split over the ranks (that very function for one process).
+
+    Every rank draws every batch (so the tasks, and the sampler's state, are one process's) and scores
+    batches r, r+N, r+2N, ... whole; the per-batch figures are gathered in batch order and combined as
+    ``evaluate`` combines them, so every figure is the single-process one, bit for bit.
+    """
+    if not world.enabled:
+        return evaluate(model, sampler, num_tasks, batch_size, by_instance=by_instance)
+    was_training = model.training
+    model.eval()
+    mine = []  # (batch index, per-task accuracies [size], loss * size, correct queries by instance [K+1] | None)
+    for index, size in enumerate(batch_sizes(num_tasks, batch_size)):
+        batch = sampler.sample(size)
+        if index % world.world_size != world.rank:
+            continue
+        logits = model(*batch)
+        by_row = (torch.stack([prefix_accuracy(model, batch, shots).sum() for shots in range(sampler.num_shot + 1)])
+                  .cpu() if by_instance else None)
+        mine.append((index, task_accuracies(logits, batch.labels).cpu(), query_loss(logits, batch.labels).item() * size,
+                     by_row))
+    model.train(was_training)
+    batches = sorted(distributed.gather_lists(mine, world), key=lambda batch: batch[0])
+    acc, ci95 = mean_ci95(torch.cat([accuracies for _, accuracies, _, _ in batches]).numpy())
+    result: dict[str, float | list[float]] = {"acc": acc, "acc_ci95": ci95,
+                                               "loss": sum(loss for _, _, loss, _ in batches) / num_tasks}
+    if by_instance:  # summed where evaluate sums them (on the device), in the same order
+        by_row = torch.stack([row for _, _, _, row in batches]).to(world.device)  # [num_batches, K+1]
+        result["acc_by_instance"] = (by_row.sum(0) / num_tasks).tolist()
+    return result
 
 
 def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, state: dict[str, Any],
-                        final_tasks: SequenceSampler, device: torch.device, precision: str) -> dict[str, Any]:
+                        final_tasks: SequenceSampler, world: distributed.World, precision: str) -> dict[str, Any]:
     """Score the checkpoint's model on ``--num_test_tasks`` test tasks: the same tasks the end of
     training scores (the "final" sampler is untouched during training), so a finished run repeats its result."""
     model.load_state_dict(state["model"])
-    with autocast(device, precision):
-        result = evaluate(model, final_tasks, args.num_test_tasks, args.meta_batch_size, by_instance=True)
-    print(f"test ({args.num_test_tasks} tasks, step {state['step']}): query accuracy "
-          f"{result['acc']:.4f} +- {result['acc_ci95']:.4f}; by instance {result['acc_by_instance']}")
+    with autocast(world.device, precision):
+        result = evaluate_split(model, final_tasks, args.num_test_tasks, args.meta_batch_size, world, by_instance=True)
+    if world.is_main:
+        print(f"test ({args.num_test_tasks} tasks, step {state['step']}): query accuracy "
+              f"{result['acc']:.4f} +- {result['acc_ci95']:.4f}; by instance {result['acc_by_instance']}")
     return {"step": state["step"], **{f"test_{k}": v for k, v in result.items()}}
 
 
-def train(run: RunFolder, args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
-          samplers: dict[str, SequenceSampler], device: torch.device, precision: str) -> dict[str, Any]:
+def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argparse.Namespace, model: nn.Module,
+          optimizer: torch.optim.Optimizer, samplers: dict[str, SequenceSampler], world: distributed.World,
+          precision: str, location: str | torch.device) -> dict[str, Any]:
     """Train to ``--train_steps`` (from the latest checkpoint on --resume), then score the final model."""
+    device = world.device
     start_step, history = 0, []
-    state = run.resume_state(map_location=device)
+    # Rank 0 reads the checkpoint; every rank continues from it.
+    state = distributed.run_on_main(lambda: run.resume_state(map_location=location), world, share=True)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -148,23 +239,30 @@ def train(run: RunFolder, args: argparse.Namespace, model: nn.Module, optimizer:
 
     def score(name: str, num_tasks: int, by_instance: bool = False) -> dict[str, Any]:
         with autocast(device, precision):
-            return evaluate(model, samplers[name], num_tasks, args.meta_batch_size, by_instance=by_instance)
+            return evaluate_split(model, samplers[name], num_tasks, args.meta_batch_size, world, by_instance)
 
-    with run.logger(start_step=start_step, total_steps=args.train_steps, desc=run.path.name) as logger:
-        logger.write(f"run folder: {run.path}" + (f" (resuming at step {start_step})" if start_step else ""))
+    # closing(): the logger of ranks other than 0 writes nothing and is no context manager.
+    logger = run.logger(start_step=start_step, total_steps=args.train_steps, desc=run_dir.name)
+    with contextlib.closing(logger):
+        logger.write(f"run folder: {run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
+                     + (f" ({world.world_size} processes)" if world.enabled else ""))
         train_seconds, timed_steps = 0.0, 0
         model.train()
         for step in range(start_step + 1, args.train_steps + 1):
             tic = time.perf_counter()
+            # Every rank draws the whole meta-batch (so the sampler state is the same everywhere), keeps its share.
             batch = samplers["train"].sample(args.meta_batch_size)  # images [B, K+1, N, 784], labels [B, K+1, N, N]
+            batch = my_tasks(batch, world)  # [B/N, ...] under torchrun
             with autocast(device, precision):
                 loss = query_loss(model(*batch), batch.labels)
             # Every step, before the update: a NaN/inf loss stops the run here (exit 2, no results.json),
-            # not up to --eval_freq steps later with the weights already poisoned.
-            train_loss = loss.item()
+            # not up to --eval_freq steps later with the weights already poisoned. The mean over the
+            # ranks is the whole meta-batch's loss, the same on every rank: all ranks stop together.
+            train_loss = distributed.mean_over_ranks({"loss": loss}, world)["loss"]
             run.check_loss(train_loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(model.parameters(), world)  # the whole meta-batch's gradient
             optimizer.step()
             train_seconds += time.perf_counter() - tic
             timed_steps += 1

@@ -91,6 +91,7 @@ def relative_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 
 # ---------------------------------------------------------------------------- 2 processes = 1 process
+@pytest.mark.slow
 @pytest.mark.parametrize("name, flags", [("maml", MAML_NET), ("protonet", [])])
 def test_two_processes_train_the_single_process_weights(name, flags, omniglot_data_dir, tmp_path):
     common = [*TINY, *flags, "--num_train_iterations", "3", "--data_dir", str(omniglot_data_dir)]
@@ -125,6 +126,7 @@ def test_two_processes_train_the_single_process_weights(name, flags, omniglot_da
     assert written["test_accuracy"] == second["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_processes_is_refused_before_any_work(omniglot_data_dir, tmp_path):
     log_dir = tmp_path / "run"
     done = run([*torchrun(4), script("maml"), *TINY, *MAML_NET, "--batch_size", "6", "--data_dir",
@@ -136,6 +138,7 @@ def test_batch_not_divisible_by_processes_is_refused_before_any_work(omniglot_da
     assert not log_dir.exists()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_every_rank_with_one_error(omniglot_data_dir, tmp_path):
     log_dir = tmp_path / "run"
     done = run([*torchrun(2), script("protonet"), *TINY, "--learning_rate", "1e30", "--num_train_iterations", "6",
@@ -162,6 +165,7 @@ def worker_pids(launcher: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
 def test_killed_distributed_run_resumes_to_the_uninterrupted_result(omniglot_data_dir, tmp_path):
     flags = [*TINY, *MAML_NET, "--num_train_iterations", "16", "--save_interval", "1", "--val_interval", "8",

@@ -354,6 +354,7 @@ def test_non_finite_weights_after_a_finite_loss_are_never_checkpointed(synthetic
     assert_no_results_and_no_poisoned_checkpoint(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_folder_is_refused_naming_the_first(synthetic_dir, tmp_path):
     run_dir = tmp_path / "run"
     flags = train_args(synthetic_dir, run_dir, "--num_epochs", "100000", "--batch_size", "64",

@@ -151,6 +151,7 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())["metrics"]
 
 
+@pytest.mark.slow
 def test_protonet_learns_and_test_mode_reports_interval(omniglot_data_dir, tmp_path, capsys):
     run = tmp_path / "pn"
     protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "40", "--val_interval", "20"))
@@ -172,6 +173,7 @@ def start_protonet(log: Path, *flags: str) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(omniglot_data_dir, tmp_path):
     flags = ["--num_train_iterations", "16", "--save_interval", "2", "--val_interval", "8", "--seed", "3"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -225,6 +227,7 @@ def test_bad_flags_are_refused_early(script, flags, message, capsys):
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_maml_short_run_logs_adaptation(omniglot_data_dir, tmp_path):
     run = tmp_path / "maml"
     maml_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "4", "--val_interval", "2",
@@ -234,6 +237,7 @@ def test_maml_short_run_logs_adaptation(omniglot_data_dir, tmp_path):
     assert {"hparams.json", "results.json", "checkpoints"} <= {p.name for p in run.iterdir()}
 
 
+@pytest.mark.slow
 def test_anil_short_run_adapts_its_head(omniglot_data_dir, tmp_path):
     run = tmp_path / "anil"
     anil_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "4", "--val_interval", "2",
@@ -242,6 +246,7 @@ def test_anil_short_run_adapts_its_head(omniglot_data_dir, tmp_path):
     assert metrics["test_support_acc_post"] > metrics["test_support_acc_pre"]
 
 
+@pytest.mark.slow
 def test_resume_with_changed_flags_is_refused_before_any_work(omniglot_data_dir, tmp_path, capsys):
     run = tmp_path / "pn"
     protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "2", "--val_interval", "2"))
