@@ -125,3 +125,14 @@ class RunLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def scalar_curve(run_dir: str | os.PathLike, tag: str) -> dict[int, float]:
+    """A TensorBoard scalar of a run folder as ``{step: value}`` (empty when the tag was never logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if tag not in events.Tags()["scalars"]:
+        return {}
+    return {point.step: point.value for point in events.Scalars(tag)}

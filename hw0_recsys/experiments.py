@@ -28,6 +28,7 @@ finished runs are reused, killed ones resumed).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -39,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common.errors import cli_main  # noqa: E402
 from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
+from common.runlog import scalar_curve  # noqa: E402
 from common.stats import mean_ci95  # noqa: E402
 from hw0_recsys.metrics import rating_metrics  # noqa: E402
 
@@ -170,18 +172,33 @@ def course_section(frame: pd.DataFrame, sizes: dict, out: Path) -> str:
     rows = [{"setting": setting, "seeds": int(table.loc[setting, ("test/mrr", "count")]),
              **{label: cell(setting, key) for label, key in columns.items() if key != "train_seconds"},
              "train s": table.loc[setting, ("train_seconds", "mean")]} for setting in table.index]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    curves = {key: {setting: mean_curve(runs[runs["setting"] == setting]["run_dir"], key) for setting in table.index}
+              for key in ("test/mrr", "test/mse")}
+    for row in rows:  # the best evaluated epoch of the mean curve: where the rating head stops improving
+        mse, mrr = curves["test/mse"][row["setting"]], curves["test/mrr"][row["setting"]]
+        row["best MSE (epoch)"] = f"{mse.min():.4f} ({mse.idxmin()})" if len(mse) else "-"
+        row["best MRR (epoch)"] = f"{mrr.max():.4f} ({mrr.idxmax()})" if len(mrr) else "-"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for axis, (label, key) in zip(axes, (("MRR", "test/mrr"), ("MSE", "test/mse"))):
-        axis.barh(table.index, table[(key, "mean")], xerr=table[(key, "std")].fillna(0), capsize=3)
-        axis.set_xlabel(f"test {label} (mean ± std over seeds)")
-    axes[1].set_yticks([])
+        for setting, curve in curves[key].items():
+            axis.plot(curve.index, curve.values, marker=".", label=setting)
+        axis.set(xlabel="epoch", ylabel=f"test {label} (mean over seeds)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
     fig.suptitle(f"Multi-task model on the 95/5 random split of ml-100k, {sizes['epochs']} epochs, lr {COURSE_LR}")
     fig.tight_layout()
     fig.savefig(out / "course_grid.png", dpi=120)
     plt.close(fig)
     return (f"## Course grid (multi-task model, random 95/5 split, {sizes['epochs']} epochs, lr {COURSE_LR}; "
-            "mean ± std over seeds; wd = Adam weight decay)\n\n"
+            "final values mean ± std over seeds; best = best evaluated epoch of the mean curve; "
+            "wd = Adam weight decay)\n\n"
             + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"))
+
+
+def mean_curve(run_dirs: Iterable[Path], tag: str) -> pd.Series:
+    """The mean over runs of a TensorBoard scalar, by step (evaluated epochs)."""
+    frame = pd.DataFrame({str(run_dir): pd.Series(scalar_curve(run_dir, tag), dtype=float) for run_dir in run_dirs})
+    return frame.mean(axis=1).sort_index()
 
 
 def folds_section(frame: pd.DataFrame, out: Path) -> str:

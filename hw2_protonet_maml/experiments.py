@@ -33,7 +33,7 @@ import pandas as pd
 from common.errors import cli_main
 from common.grid import Config, grid_parser, lookup, run_experiments
 from common.omniglot import PROTOCOLS
-from common.runlog import write_json
+from common.runlog import scalar_curve, write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -163,14 +163,7 @@ def plot_accuracy_vs_k(frame: pd.DataFrame, path: Path) -> None:
 
 
 def val_curve(run_dir: Path) -> pd.Series:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    if "val/query_acc" not in events.Tags()["scalars"]:
-        return pd.Series(dtype=float)
-    points = events.Scalars("val/query_acc")
-    return pd.Series([p.value for p in points], index=[p.step for p in points])
+    return pd.Series(scalar_curve(run_dir, "val/query_acc"), dtype=float)
 
 
 def plot_curves(trained: pd.DataFrame, path: Path) -> None:
