@@ -57,7 +57,7 @@ class Job:
     def __init__(self, command: list[str], log: Path) -> None:
         self.log = log
         with open(log, "w") as out:
-            self.proc = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
     def finish(self) -> subprocess.CompletedProcess:
         returncode = self.proc.wait(timeout=TIMEOUT)

@@ -8,7 +8,6 @@ The torchrun tests start real processes (gloo on the CPU, one thread each), as a
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_distributed import Job, torchrun
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "hw1_mann" / "train.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TIMEOUT = 300
 # Tiny tasks and models on the CPU in fp32; 8 final test tasks are 2 evaluation batches, one per rank.
 TINY = ["--num_classes", "2", "--num_shot", "1", "--meta_batch_size", "4", "--hidden_dim", "8", "--eval_freq", "3",
         "--num_test_tasks", "8", "--device", "cpu", "--precision", "fp32", "--memory_slots", "8"]
@@ -28,23 +27,6 @@ TINY = ["--num_classes", "2", "--num_shot", "1", "--meta_batch_size", "4", "--hi
 # batch is scored whole by one rank. Losses follow the weights' rounding (about 1e-7).
 ACCURACIES = ("test_acc", "test_acc_ci95", "test_acc_by_instance", "val_acc")
 LOSSES = ("test_loss", "train_loss", "val_loss")
-
-
-def torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-
-
-class Job:
-    """A command started in the background (so two runs can share the two cores' idle time)."""
-
-    def __init__(self, command: list[str], log: Path) -> None:
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(command, env=ENV, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-
-    def finish(self) -> subprocess.CompletedProcess:
-        returncode = self.proc.wait(timeout=TIMEOUT)
-        return subprocess.CompletedProcess(self.proc.args, returncode, self.log.read_text())
 
 
 def succeed(*jobs: Job) -> list[subprocess.CompletedProcess]:
