@@ -10,6 +10,9 @@ the same number of tasks with the same N/K/Q.
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 import time
 import zipfile

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from common import openmp
 from common.errors import CS330Error
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -110,4 +111,6 @@ def setup_compute(device: str, precision: str, threads: int | None,
     chosen, why = resolve_precision(precision, resolved, fp32_because)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per process
         print(f"precision: {chosen} ({why})", flush=True)
+        if openmp.CHOICE:
+            print(f"threads: {torch.get_num_threads()}; {openmp.CHOICE}", flush=True)
     return resolved, chosen

@@ -197,6 +197,12 @@ class QuietLogger:
 
     advance = write = finish = close = log
 
+    def __enter__(self) -> QuietLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
 
 class FollowerRun:
     """What ranks other than 0 hold instead of the :class:`RunFolder`: the same stops, no writes.

@@ -19,6 +19,9 @@ on it instead of the test set, so hyper-parameters can be chosen without looking
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 import time
 from pathlib import Path

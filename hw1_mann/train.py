@@ -26,6 +26,9 @@ weights equal the single-process run's up to rounding and the evaluation figures
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 import contextlib
 import time

@@ -9,6 +9,9 @@ It takes maml.py's flags (less --vmap_tasks and --compile_query).
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 
 import torch

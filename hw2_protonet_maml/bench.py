@@ -10,6 +10,9 @@ the maths would show up at once.
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 
 import torch

@@ -9,6 +9,9 @@ network, the fast MAML module (same meta-gradient), its flags and ``main()``.
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 import math
 

@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 
 import torch

@@ -9,6 +9,9 @@ outputs are checked to be the same tokens, so the speed-up is for identical work
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 
 import torch

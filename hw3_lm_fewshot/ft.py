@@ -15,11 +15,21 @@ reaches ``--early_stop_acc`` (for causal LMs: the answer-token accuracy under te
 the course; ``--min_steps`` delays that check (at k = 1 a 5-example support set passes 0.75 within
 5 steps, which says little about the model). A NaN or infinite training loss stops the run with
 exit status 2 and no results.json. Runs keep no checkpoints (Ctrl-C saves nothing; rerun instead).
+
+Data-parallel under ``torchrun --nproc_per_node=N hw3_lm_fewshot/ft.py <same flags>``: every rank
+draws the same batch and trains on its equal share of it (``--batch_size`` divisible by N), the
+gradients are averaged with one all-reduce (``common.distributed``), and the evaluation set is split
+across the ranks; rank 0 writes the run folder. The result equals the one-process run's
+(tests/test_distributed_hw3.py). torchrun rather than ``accelerate launch``: hw1 and hw2 already
+run under it, and one launcher for the whole repository is one thing to learn.
 Output: ``runs/hw3_lm_fewshot/<run name>/`` (or ``--log_dir``): hparams.json, TensorBoard, results.json.
 """
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 import math
 import re
@@ -29,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import distributed
 from common.cli import non_negative_int, positive_float, positive_int, unit_interval
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
@@ -47,7 +58,7 @@ from hw3_lm_fewshot.cli import (
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_greedy, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import count_parameters, resolve_model, transformer_blocks
+from hw3_lm_fewshot.models import ModelSpec, count_parameters, resolve_model, transformer_blocks
 from hw3_lm_fewshot.prompts import DEFAULT_PROMPT, MAX_NEW_TOKENS, PROMPTS, answer_text, build_prompt
 
 MODE_HELP = "all, first, last, middle, loraN (N = LoRA rank, e.g. lora4, lora16)"
@@ -159,10 +170,30 @@ def support_accuracy(model, batch: dict[str, torch.Tensor], classifier: bool, pr
     return (predicted[mask] == target[mask]).float().mean().item()
 
 
-def check_finite_loss(value: float, step: int, k: int, mode: str, seed: int, lr: float) -> None:
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: bool,
+               world: distributed.World) -> torch.Tensor:
+    """The loss of this rank's share of a batch, scaled so that the ranks' gradients averaged by
+    :func:`common.distributed.average_gradients` are the gradient of the whole batch's loss.
+
+    Classification: a mean over examples, and the shares are equal, so the mean of the ranks' means is
+    the whole batch's mean. A causal LM's loss is a mean over answer tokens, whose count differs
+    between shares: each rank divides its token-loss sum by the whole batch's count over N instead.
+    """
+    if classifier or not world.enabled:
+        return model(**batch).loss
+    answer_tokens = (batch["labels"][:, 1:] != -100).sum().float()  # the tokens the loss is taken over
+    torch.distributed.all_reduce(answer_tokens)  # the whole batch's count
+    return model(**batch, num_items_in_batch=answer_tokens / world.world_size).loss
+
+
+def check_finite_loss(value: float, step: int, k: int, mode: str, seed: int, lr: float,
+                      world: distributed.World | None = None) -> None:
     """Stop the run at the first NaN/inf loss. hw3 keeps no checkpoints, so unlike
-    :func:`common.checkpoint.ensure_finite` the message offers no ``--resume``."""
+    :func:`common.checkpoint.ensure_finite` the message offers no ``--resume``. Every rank sees the
+    same (averaged) loss; rank 0 prints the error and the others leave quietly after it."""
     if not math.isfinite(value):
+        if world is not None and not world.is_main:
+            distributed.leave_after_main(2)
         raise CS330Error(f"the training loss became {value} at step {step} (k={k}, mode {mode}, seed {seed}); "
                          f"the run stopped and nothing was saved. Lower --lr (it was {lr:g}) or check the data, "
                          "then rerun")
@@ -170,10 +201,15 @@ def check_finite_loss(value: float, step: int, k: int, mode: str, seed: int, lr:
 
 # ---------------------------------------------------------------------------- one run
 def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Namespace,
-           logger: RunLogger | None = None) -> dict:
-    """Fine-tune a fresh copy of the model on k support examples, then score it on the evaluation set."""
+           logger: RunLogger | None = None, world: distributed.World | None = None) -> dict:
+    """Fine-tune a fresh copy of the model on k support examples, then score it on the evaluation set.
+
+    Under torchrun (``world``) each rank trains on its share of every batch and scores its share of
+    the evaluation set; every rank returns the same result.
+    """
     start = time.time()
-    device = resolve_device(args.device)
+    world = world or distributed.World(device=resolve_device(args.device))
+    device = world.device
     precision, _ = resolve_precision(args.precision, device, fp32_because=FP32_BECAUSE)  # main prints why
     classifier = task.name == "amazon"
     support = sample_support(task, k, seed)
@@ -191,7 +227,8 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
     steps, train_acc = 0, float("nan")
     if support:  # k = 0: the pre-trained model as it is
         lr = args.lr or (1e-3 if mode.startswith("lora") else 1e-4)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable_params, lr=lr)
         rng = np.random.default_rng(seed)
         check_batch = make_batch([support[i] for i in rng.permutation(len(support))[:32]])
         order: list[int] = []
@@ -200,11 +237,13 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
             if len(order) < args.batch_size:  # reshuffle once the epoch runs out
                 order += rng.permutation(len(support)).tolist()
             batch_ids, order = order[:args.batch_size], order[args.batch_size:]
+            my_ids = batch_ids[distributed.shard(0, args.batch_size, world)]  # all of them for one process
             with autocast(device, precision):
-                loss = model(**make_batch([support[i] for i in batch_ids])).loss
-            loss_value = loss.item()
-            check_finite_loss(loss_value, steps, k, mode, seed, lr)  # before the update it would poison
+                loss = batch_loss(model, make_batch([support[i] for i in my_ids]), classifier, world)
+            loss_value = distributed.mean_over_ranks({"loss": loss}, world)["loss"]  # the whole batch's loss
+            check_finite_loss(loss_value, steps, k, mode, seed, lr, world)  # before the update it would poison
             loss.backward()
+            distributed.average_gradients(trainable_params, world)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if logger is not None:
@@ -216,21 +255,29 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
 
     model.eval()
     references = [ex.y for ex in task.eval]
+    my_eval = task.eval[eval_share(len(task.eval), world)]
     with torch.inference_mode(), autocast(device, precision):
         if classifier:
             predictions = []
-            for i in range(0, len(task.eval), args.batch_size):
-                batch = make_batch(task.eval[i:i + args.batch_size])
+            for i in range(0, len(my_eval), args.batch_size):
+                batch = make_batch(my_eval[i:i + args.batch_size])
                 predictions += model(**batch).logits.argmax(-1).tolist()
         else:
             predictions = [generate_greedy(model, tokenizer, build_prompt(task.name, prompt, [], ex.x),
-                                           MAX_NEW_TOKENS[task.name], args.max_context) for ex in task.eval]
+                                           MAX_NEW_TOKENS[task.name], args.max_context) for ex in my_eval]
+    predictions = distributed.gather_lists(predictions, world)  # rank order is evaluation-set order
     return {
         "method": "ft", "mode": mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
         "score": score(task.name, predictions, references), "trainable_params": trainable, "total_params": total,
         "steps": steps, "support_acc": train_acc, "seconds": time.time() - start,
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
     }
+
+
+def eval_share(num_examples: int, world: distributed.World) -> slice:
+    """This rank's contiguous share of the evaluation set (shares differ by at most one example)."""
+    bounds = np.linspace(0, num_examples, world.world_size + 1).round().astype(int)
+    return slice(int(bounds[world.rank]), int(bounds[world.rank + 1]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,32 +304,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_inputs(args: argparse.Namespace, model_name: str) -> tuple[ModelSpec, TaskData]:
+    """The model spec and the task data, with every support size and the model load checked."""
+    spec = resolve_model(model_name)
+    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
+    for k in args.k:
+        sample_support(task, k, args.seed)
+    load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy; this one checks
+    return spec, task
+
+
 @cli_main
 @exits_on_interrupt
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     parse_mode(args.mode)
-    _, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
-    # everything that can fail before training fails here, before a run folder exists
+    device, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    world = distributed.init_from_env(device)  # one process: nothing happens
+    distributed.check_batch_split(args.batch_size, world)
     model_name = args.model or ("minilm" if args.dataset == "amazon" else "smollm2")
-    spec = resolve_model(model_name)
-    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     if args.dataset == "amazon":
         args.max_length = min(args.max_length, 100)
-    for k in args.k:
-        sample_support(task, k, args.seed)
-    load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy; this one checks
+    # everything that can fail before training fails here, before a run folder exists (rank 0 says
+    # why; the other ranks then leave quietly, else they repeat it)
+    spec, task = distributed.run_on_main(lambda: load_inputs(args, model_name), world) or load_inputs(args, model_name)
     run_name = build_run_name("ft", {"model": model_name, "data": args.dataset, "mode": args.mode,
                                      "k": "-".join(map(str, args.k)), "prec": args.precision, "seed": args.seed})
     run_dir = run_dir_for(args, run_name)
     results = []
-    with RunFolder.open(run_dir, vars(args)) as run, \
-            run.logger(total_steps=len(args.k) * args.repeats, desc="ft") as logger:
+    run = distributed.run_on_main(lambda: RunFolder.open(run_dir, vars(args)), world) or distributed.FollowerRun()
+    with run, run.logger(total_steps=len(args.k) * args.repeats, desc="ft") as logger:
         for k in args.k:
             for repeat in range(args.repeats):
-                results.append(run_ft(spec, task, k, args.mode, args.seed + repeat, args, logger))
+                results.append(run_ft(spec, task, k, args.mode, args.seed + repeat, args, logger, world))
                 logger.advance(len(results), score=results[-1]["score"])
-        return finish_runs(logger, results, task, run_dir)
+        if world.is_main:
+            finish_runs(logger, results, task, run_dir)
+    distributed.destroy(world)
+    return results
 
 
 if __name__ == "__main__":

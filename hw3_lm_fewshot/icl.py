@@ -13,6 +13,9 @@ nothing). Output: ``runs/hw3_lm_fewshot/<run name>/`` (or ``--log_dir``).
 
 from __future__ import annotations
 
+import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before torch loads OpenMP)
+
+# isort: split
 import argparse
 import random
 import time
