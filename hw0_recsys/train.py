@@ -15,6 +15,9 @@ Every flag of a resumed run must equal the run's, except the run length and inte
   python hw0_recsys/train.py --num_epochs 10 --log_dir runs/hw0_recsys/mine --resume
 With --val_fraction > 0 a slice of the training ratings is held out and all metrics are computed
 on it instead of the test set, so hyper-parameters can be chosen without looking at the test data.
+Add --early_stopping to keep, for each task, the model of the epoch it was best at on that slice
+(ranking: highest validation MRR; ratings: lowest validation MSE) and report those two models' test
+metrics at the end: the multi-task model's tasks peak at different epochs (README).
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_fraction", type=unit_interval, default=0.05, help="test share of the random split")
     parser.add_argument("--val_fraction", type=unit_interval, default=0.0,
                         help="if > 0, hold out this share of the training ratings and evaluate on it, not on test")
+    parser.add_argument("--early_stopping", action="store_true",
+                        help="with --val_fraction: report test metrics of each task's best validation epoch "
+                             "(ranking by MRR, ratings by MSE), evaluated every --eval_every epochs")
     parser.add_argument("--embedding_dim", type=positive_int, default=None,
                         help="factors per user/item, or autorec's hidden units (32 | 50 | 300)")
     parser.add_argument("--num_epochs", type=positive_int, default=None,
@@ -122,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--test_fraction must be strictly between 0 and 1, got {args.test_fraction}")
     if args.val_fraction == 1.0:
         parser.error("--val_fraction must be below 1: nothing would be left to train on")
+    if args.early_stopping and args.val_fraction == 0:
+        parser.error("--early_stopping selects epochs on a validation slice: also pass --val_fraction (e.g. 0.05)")
     if args.implicit_from_test and args.model != "svdpp":
         parser.error("--implicit_from_test only applies to --model svdpp")
     if args.precision == "bf16" and args.model == "svdpp":
@@ -260,6 +268,34 @@ def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: i
     return metrics
 
 
+# ---------------------------------------------------------------------------- early stopping, per task
+BETTER = {"mrr": float.__gt__, "mse": float.__lt__}  # validation metric -> "is this value better?"
+RATING_KEYS = ("mse", "rmse")  # the rating task's metrics; every other metric ranks
+
+
+def update_best(best: dict, metrics: dict, epoch: int, model: torch.nn.Module) -> None:
+    """Keep a copy of the weights of the epoch with the best validation MRR and MSE so far."""
+    for metric, better in BETTER.items():
+        if metric not in best or better(metrics[metric], best[metric]["value"]):
+            best[metric] = {"epoch": epoch, "value": metrics[metric],
+                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def early_stopped_metrics(model: torch.nn.Module, best: dict, train: Ratings, test: Ratings, num_users: int,
+                          num_items: int) -> dict[str, float]:
+    """Test metrics as deployed with per-task early stopping: the ranking metrics of the best-MRR
+    weights, the rating metrics of the best-MSE weights, and the epochs they came from."""
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for metric in BETTER:
+        model.load_state_dict(best[metric]["model"])
+        metrics = evaluate(model, train, test, num_users, num_items)
+        results.update({f"test/{k}": v for k, v in metrics.items() if (k in RATING_KEYS) == (metric == "mse")})
+        results[f"best_epoch/{metric}"] = best[metric]["epoch"]
+    model.load_state_dict(final)
+    return results
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -270,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.val_fraction > 0:
         train, evaluation = holdout(train, args.val_fraction, VAL_SPLIT_SEED)
         eval_name = "val"
+    test = split.test.to(device)  # read only by --early_stopping, once, at the end
     rated = None
     if args.implicit_from_test:
         # Who rated what, over the whole split: ids of the test pairs, never their ratings.
@@ -285,14 +322,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_name = build_run_name(args.model, run_name_parts(args))
     run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
     with RunFolder.open(run_dir, run_hparams(args), resume=args.resume, resumable=RESUMABLE_FLAGS) as run:
-        start_epoch = 0
+        start_epoch, best = 0, {}
         state = run.resume_state(map_location=device)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
             restore_rng_state(state["rng"])
-            start_epoch = state["step"]
+            start_epoch, best = state["step"], state.get("best", {})
         if start_epoch > args.num_epochs:  # the results would be those of a longer run than the flags say
             raise CS330Error(f"{run_dir} is already at epoch {start_epoch}, past --num_epochs {args.num_epochs}; "
                              f"pass --num_epochs {start_epoch} or more to continue it")
@@ -307,15 +344,20 @@ def main(argv: list[str] | None = None) -> dict:
                     metrics = evaluate(model, train, evaluation, split.num_users, split.num_items)
                     logger.log({f"{eval_name}/{key}": value for key, value in metrics.items()}, epoch)
                     logger.advance(epoch, loss=epoch_losses["train/loss"], mrr=metrics["mrr"], rmse=metrics["rmse"])
+                    if args.early_stopping:
+                        update_best(best, metrics, epoch, model)
                 else:
                     logger.advance(epoch, loss=epoch_losses["train/loss"])
                 if epoch % args.checkpoint_every == 0 or epoch == args.num_epochs:
                     run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "generator": generator.get_state(), "rng": capture_rng_state()}, keep_last=2)
+                                     "generator": generator.get_state(), "rng": capture_rng_state(), "best": best},
+                             keep_last=2)
 
             metrics = evaluate(model, train, evaluation, split.num_users, split.num_items,
                                run_dir / "predictions.pt" if args.save_predictions else None)
             results = {f"{eval_name}/{key}": value for key, value in metrics.items()}
+            if args.early_stopping:
+                results.update(early_stopped_metrics(model, best, train, test, split.num_users, split.num_items))
             results["train_seconds"] = time.perf_counter() - started  # this session only, if resumed
             logger.finish(results)
             logger.write(" ".join(f"{key}={value:.4f}" for key, value in results.items()) + f"  ({run_dir})")

@@ -176,6 +176,21 @@ def test_svdpp_run_fits_the_ratings_and_val_fraction_avoids_test(synthetic_dir, 
     assert regression[-1] < 0.5 * regression[0]
 
 
+def test_early_stopping_reports_test_metrics_of_each_tasks_best_validation_epoch(synthetic_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    results = train_script.main(train_args(synthetic_dir, run_dir, "--num_epochs", "6", "--batch_size", "64",
+                                           "--lr", "0.01", "--val_fraction", "0.2", "--early_stopping"))
+    val_mrr, val_mse = scalar_curve(run_dir, "val/mrr"), scalar_curve(run_dir, "val/mse")
+    assert results["best_epoch/mrr"] == 1 + max(range(6), key=val_mrr.__getitem__)
+    assert results["best_epoch/mse"] == 1 + min(range(6), key=val_mse.__getitem__)
+    assert {"test/mrr", "test/recall@10", "test/ndcg@10", "test/mse", "test/rmse", "val/mse"} <= set(results)
+    # the rating metrics are those of the best-MSE epoch's weights: a run stopped there scores the same
+    stopped = train_script.main(train_args(synthetic_dir, tmp_path / "stopped", "--num_epochs",
+                                           str(results["best_epoch/mse"]), "--batch_size", "64", "--lr", "0.01",
+                                           "--val_fraction", "0.2", "--early_stopping"))
+    assert stopped["test/mse"] == pytest.approx(results["test/mse"])
+
+
 def test_autorec_run_fits_the_ratings_and_saves_predictions(synthetic_dir, tmp_path):
     results = train_script.main(train_args(synthetic_dir, tmp_path / "run", "--model", "autorec", "--num_epochs",
                                            "60", "--embedding_dim", "16", "--autorec_reg", "1", "--save_predictions"))
@@ -236,7 +251,8 @@ def start_train(log: Path, *flags: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_flags", [("--batch_size", "64"), ("--model", "svdpp", "--embedding_dim", "8")])
+@pytest.mark.parametrize("model_flags", [("--batch_size", "64"), ("--model", "svdpp", "--embedding_dim", "8"),
+                                         ("--batch_size", "64", "--val_fraction", "0.2", "--early_stopping")])
 def test_resume_after_sigkill_gives_identical_final_metrics(synthetic_dir, tmp_path, model_flags):
     flags = ("--num_epochs", "40", "--checkpoint_every", "1", "--eval_every", "1", *model_flags)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -457,6 +473,7 @@ def test_precision_is_printed_and_recorded(synthetic_dir, tmp_path, capsys):
     (["--reg_exponent", "nan"], "finite"),
     (["--implicit_from_test"], "only applies to --model svdpp"),
     (["--model", "svdpp", "--bf16"], "no bf16"),
+    (["--early_stopping"], "also pass --val_fraction"),
 ])
 def test_bad_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
