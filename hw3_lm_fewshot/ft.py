@@ -249,6 +249,7 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
             if logger is not None:
                 logger.log({f"train/loss_k{k}_{mode}_s{seed}": loss_value}, steps)
             if steps % args.eval_every == 0 or steps == args.max_steps:
+                # every rank checks the same examples with the same weights, so all stop at the same step
                 train_acc = support_accuracy(model, check_batch, classifier, precision)
                 if steps >= args.min_steps and train_acc >= args.early_stop_acc:
                     break
