@@ -37,6 +37,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+MAX_LEARNING_RATE = 1e30
+
+
+def learning_rate(text: str) -> float:
+    """A positive learning rate small enough for Adam's float32 arithmetic: its first step is
+    ``lr / (1 - beta1)`` = 10 lr, which overflows float32 (a traceback inside the optimizer) from
+    about 3.4e37; a diverging run below the cap stops at the NaN guard with one error line."""
+    value = positive_float(text)
+    if value > MAX_LEARNING_RATE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LEARNING_RATE:g} (larger rates overflow Adam's "
+                                         f"float32 step size), got {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = finite_float(text)
     if value < 0:

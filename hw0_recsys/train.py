@@ -36,9 +36,9 @@ from common.checkpoint import capture_rng_state, restore_rng_state
 from common.cli import (
     add_run_args,
     int_list,
+    learning_rate,
     non_negative_float,
     non_negative_int,
-    positive_float,
     positive_int,
     unit_interval,
 )
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="passes over the training ratings (multitask 10; svdpp 300, autorec 100 full-batch steps)")
     parser.add_argument("--batch_size", type=non_negative_int, default=None,
                         help="ratings per step; 0 = full batch (256 | 0)")
-    parser.add_argument("--lr", type=positive_float, default=None, help="Adam learning rate (1e-3 | 0.01 | 0.01)")
+    parser.add_argument("--lr", type=learning_rate, default=None, help="Adam learning rate (1e-3 | 0.01 | 0.01)")
     mt = parser.add_argument_group("multitask model")
     mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
                     help="weight of the interaction (ranking) loss")

@@ -40,7 +40,7 @@ from torch import nn
 
 from common import distributed
 from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
-from common.cli import add_run_args, positive_float, positive_int
+from common.cli import add_run_args, learning_rate, positive_int
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
 from common.omniglot import OmniglotStore
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--meta_batch_size", type=positive_int, default=128, help="tasks per step (default: 128)")
     parser.add_argument("--hidden_dim", type=positive_int, default=128,
                         help="LSTM hidden size (first LSTM, or the memory model's controller) (default: 128)")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    parser.add_argument("--learning_rate", type=learning_rate, default=1e-3, help="Adam learning rate (default: 1e-3)")
     parser.add_argument("--train_steps", type=positive_int, default=25000, help="training steps (default: 25000)")
     parser.add_argument("--eval_freq", type=positive_int, default=100,
                         help="validate, log and checkpoint every this many steps (default: 100)")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import positive_float, positive_int
+from common.cli import learning_rate, positive_int
 from common.device import setup_compute
 from common.errors import cli_main
 from common.omniglot import Episodes
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_episode_args(parser, num_support=5, num_train_iterations=5000)
     model = parser.add_argument_group("protonet")
-    model.add_argument("--learning_rate", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    model.add_argument("--learning_rate", type=learning_rate, default=1e-3, help="Adam learning rate (default: 1e-3)")
     model.add_argument("--train_num_way", type=positive_int, default=None,
                        help="N of training and validation tasks, e.g. 20 or 60 for the ProtoNet paper's "
                             "higher-way training (default: --num_way)")

@@ -25,7 +25,7 @@ from torch import nn
 
 from common import distributed
 from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
-from common.cli import add_run_args, positive_float, positive_int
+from common.cli import add_run_args, learning_rate, positive_int
 from common.device import autocast
 from common.errors import CS330Error
 from common.omniglot import NUM_DRAWINGS, PROTOCOLS, Episodes, EpisodeSampler, OmniglotStore
@@ -114,10 +114,10 @@ def add_inner_loop_args(parser: argparse.ArgumentParser, name: str) -> argparse.
     """Flags of the gradient-based meta-learners (``maml.py``, ``anil.py``); returns their group."""
     group = parser.add_argument_group(name)
     group.add_argument("--num_inner_steps", type=positive_int, default=1, help="inner gradient steps (default: 1)")
-    group.add_argument("--inner_lr", type=positive_float, default=0.4, help="inner learning rate (default: 0.4)")
+    group.add_argument("--inner_lr", type=learning_rate, default=0.4, help="inner learning rate (default: 0.4)")
     group.add_argument("--learn_inner_lrs", action="store_true",
                        help="learn one inner rate per parameter tensor with the outer optimizer")
-    group.add_argument("--outer_lr", type=positive_float, default=1e-3, help="Adam meta learning rate (default: 1e-3)")
+    group.add_argument("--outer_lr", type=learning_rate, default=1e-3, help="Adam meta learning rate (default: 1e-3)")
     group.add_argument("--first_order", action="store_true",
                        help="first-order: do not differentiate through the inner gradients")
     group.add_argument("--eval_num_inner_steps", type=positive_int, default=None,

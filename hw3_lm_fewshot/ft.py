@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from common import distributed
-from common.cli import non_negative_int, positive_float, positive_int, unit_interval
+from common.cli import learning_rate, non_negative_int, positive_int, unit_interval
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
 from common.run import RunFolder
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="all", help=f"what to train: {MODE_HELP} (default: all)")
     parser.add_argument("--prompt", default=None, choices=PROMPTS,
                         help="text format for causal LMs (default: qa for babi, tldr for xsum)")
-    parser.add_argument("--lr", type=positive_float, default=None,
+    parser.add_argument("--lr", type=learning_rate, default=None,
                         help="learning rate (default: 1e-4, or 1e-3 for LoRA)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="examples per step (default: 8)")
     parser.add_argument("--max_steps", type=positive_int, default=100, help="step limit per run (default: 100)")

@@ -123,6 +123,7 @@ def test_course_defaults():
 
 @pytest.mark.parametrize("flags, message", [
     (["--learning_rate", "inf"], "must be a finite number"),
+    (["--learning_rate", "1e38"], "overflow Adam's float32 step size"),
     (["--learning_rate", "nan"], "must be a finite number"),
     (["--learning_rate", "0"], "must be a positive number"),
     (["--num_shot", "0"], "must be a positive integer"),
