@@ -165,6 +165,8 @@ def run_name_parts(args: argparse.Namespace) -> dict:
         common["testfrac"] = args.test_fraction
     if args.val_fraction > 0:
         common["val"] = args.val_fraction
+    if args.early_stopping:
+        common["es"] = 1
     if args.model == "multitask":
         specific = {"fw": args.factorization_weight, "rw": args.regression_weight,
                     "share": int(not args.no_embedding_sharing), "mlp": "-".join(map(str, args.layer_sizes)),
