@@ -17,3 +17,13 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     if arr.size == 0:
         raise ValueError("mean_ci95 needs at least one value")
     return float(arr.mean()), float(1.96 * arr.std() / math.sqrt(arr.size))
+
+
+def paired_difference_ci95(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same items (tasks) and its 95% interval: far tighter than two
+    separate intervals when both models were scored on the same tasks, since the tasks' difficulty
+    cancels."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same items: {a.shape} vs {b.shape}")
+    return mean_ci95(a - b)

@@ -34,6 +34,7 @@ from common.errors import cli_main
 from common.grid import Config, grid_parser, lookup, run_experiments
 from common.omniglot import PROTOCOLS
 from common.runlog import scalar_curve, write_json
+from common.stats import paired_difference_ci95
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -97,10 +98,23 @@ def accuracy(frame: pd.DataFrame, name: str) -> str:
     return "" if mean is None else f"{100 * mean:.2f} ± {100 * ci:.2f}"
 
 
+def paired(frame: pd.DataFrame, name: str, baseline: str) -> str:
+    """``+1.20 ± 0.35`` (points): ``name`` minus ``baseline`` on the same test tasks, with the 95%
+    interval of the per-task differences; empty when either lacks per-task accuracies."""
+    a, b = (lookup(frame, n, "test_task_accuracies") for n in (name, baseline))
+    if not isinstance(a, list) or not isinstance(b, list):
+        return ""
+    mean, ci = paired_difference_ci95(a, b)
+    return f"{100 * mean:+.2f} ± {100 * ci:.2f}"
+
+
 def report(frame: pd.DataFrame, out: Path) -> str:
+    base = f"protonet_N{PROTONET_WAYS[0]}_K{PROTONET_SHOTS[0]}"  # the course's training tasks: 5-way 1-shot
     proto = pd.DataFrame([
         {"N_train": way, "K_train": shot,
          **{f"5-way {k}-shot test %": accuracy(frame, f"protonet_N{way}_K{shot}_test{k}shot") for k in PROTONET_SHOTS},
+         **{f"{k}-shot: vs N5 K1 (paired)": paired(frame, f"protonet_N{way}_K{shot}_test{k}shot", f"{base}_test{k}shot")
+            for k in PROTONET_SHOTS},
          "train s": lookup(frame, f"protonet_N{way}_K{shot}", "train_seconds")}
         for way in PROTONET_WAYS for shot in PROTONET_SHOTS])
     maml_rows = []
@@ -121,7 +135,9 @@ def report(frame: pd.DataFrame, out: Path) -> str:
     return ("## ProtoNet: training task composition (meta-test 5-way, 15 queries, 95% interval)\n\n"
             + proto.to_markdown(index=False, floatfmt=".1f")
             + "\n\n## MAML 5-way 1-shot: inner-loop settings, meta-tested with K support examples (10 queries)\n\n"
-            + maml.to_markdown(index=False, floatfmt=".1f"))
+            + maml.to_markdown(index=False, floatfmt=".1f")
+            + "\n\nPaired columns: accuracy difference in points on the same 600 test tasks, with the 95% interval "
+              "of the per-task differences (the settings separate where it excludes 0).")
 
 
 def plot_points(ax: plt.Axes, frame: pd.DataFrame, xs: tuple[int, ...], names: list[str], label: str) -> None:

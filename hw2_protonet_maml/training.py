@@ -371,7 +371,9 @@ class MetaTrainer:
         mean, ci = mean_ci95(per_task["query_acc"])
         results = {"test_accuracy": mean, "test_ci95": ci, "test_num_tasks": s.num_test_tasks,
                    "test_num_way": s.test_num_way, "test_num_support": s.test_num_support,
-                   "test_num_query": s.test_num_query}
+                   "test_num_query": s.test_num_query,
+                   # per task, in the fixed task order every model sees: for paired comparisons
+                   "test_task_accuracies": [round(a, 6) for a in per_task["query_acc"]]}
         for key in ("support_acc_pre", "support_acc_post"):
             if key in per_task:
                 results[f"test_{key}"] = mean_ci95(per_task[key])[0]

@@ -21,7 +21,7 @@ from common.device import resolve_device
 from common.errors import CS330Error
 from common.runlog import RunLogger, build_run_name
 from common.seeding import seed_everything
-from common.stats import mean_ci95
+from common.stats import mean_ci95, paired_difference_ci95
 
 
 def test_run_name_is_safe_and_carries_hparams():
@@ -100,6 +100,16 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(CS330Error, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_paired_difference_cancels_what_the_items_share():
+    hard_and_easy = [0.2, 0.9, 0.5, 0.7]
+    better = [a + 0.1 for a in hard_and_easy]  # the same items, each 0.1 higher
+    mean, half = paired_difference_ci95(better, hard_and_easy)
+    assert mean == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12)
+    assert mean_ci95(hard_and_easy)[1] > 0.2  # while the separate intervals overlap
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference_ci95([1.0, 2.0], [1.0])
 
 
 def test_mean_ci95():

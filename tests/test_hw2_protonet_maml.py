@@ -163,6 +163,9 @@ def test_protonet_learns_and_test_mode_reports_interval(omniglot_data_dir, tmp_p
     assert "5-way 3-shot" in out and "95% interval" in out
     written = json.loads(next(run.glob("test_way5_shot3_*.json")).read_text())
     assert written["test_accuracy"] >= metrics["test_accuracy"] - 0.05  # more support data does not hurt
+    # per-task accuracies for paired comparisons: one per test task, averaging to the reported figure
+    assert len(written["test_task_accuracies"]) == 30
+    assert sum(written["test_task_accuracies"]) / 30 == pytest.approx(written["test_accuracy"], abs=1e-6)
 
 
 def start_protonet(log: Path, *flags: str) -> subprocess.Popen:
