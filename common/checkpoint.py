@@ -141,7 +141,9 @@ def capture_rng_state() -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # the device this process uses only: get_rng_state_all() would open a CUDA context on every
+        # visible GPU, i.e. rank 0 of a torchrun job would take memory on every other rank's GPU
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
     }
 
 
@@ -155,8 +157,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
          np_state["has_gauss"], np_state["cached_gaussian"])
     )
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available():  # checkpoints before 2026-11-28 hold one state per visible GPU
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[torch.cuda.current_device()])
 
 
 def ensure_finite(value: float, step: int, run_dir: Path) -> None:
