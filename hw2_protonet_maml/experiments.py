@@ -101,6 +101,8 @@ def accuracy(frame: pd.DataFrame, name: str) -> str:
 def paired(frame: pd.DataFrame, name: str, baseline: str) -> str:
     """``+1.20 ± 0.35`` (points): ``name`` minus ``baseline`` on the same test tasks, with the 95%
     interval of the per-task differences; empty when either lacks per-task accuracies."""
+    if name == baseline:
+        return "(reference)"
     a, b = (lookup(frame, n, "test_task_accuracies") for n in (name, baseline))
     if not isinstance(a, list) or not isinstance(b, list):
         return ""
@@ -172,7 +174,8 @@ def plot_accuracy_vs_k(frame: pd.DataFrame, path: Path) -> None:
     ax.set(xlabel="support examples per class at meta-test (K)", ylabel="test accuracy (10 queries/class)",
            title="MAML meta-trained with K=1, tested with more support")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no finished MAML run yet: nothing to label
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
