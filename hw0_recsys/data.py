@@ -23,6 +23,7 @@ ML100K_ZIP = RemoteFile(
 OFFICIAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 SPLIT_CHOICES = ("random", *OFFICIAL_SPLITS)
 RANDOM_SPLIT_SEED = 1234  # fixed, so every run (whatever its training seed) sees the same random split
+VAL_SPLIT_SEED = 4321  # fixed: a validation (or blend probe) slice must not change with the training seed
 
 
 @dataclass
@@ -32,16 +33,19 @@ class Ratings:
     users: torch.Tensor  # [R] int64
     items: torch.Tensor  # [R] int64
     ratings: torch.Tensor  # [R] float32
+    days: torch.Tensor | None = None  # [R] int64 day of each rating (Unix time // 86400), for the time models
 
     def __len__(self) -> int:
         return int(self.users.numel())
 
     def subset(self, index: torch.Tensor | np.ndarray) -> Ratings:
         index = torch.as_tensor(index, dtype=torch.long)
-        return Ratings(self.users[index], self.items[index], self.ratings[index])
+        return Ratings(self.users[index], self.items[index], self.ratings[index],
+                       None if self.days is None else self.days[index])
 
     def to(self, device: torch.device | str) -> Ratings:
-        return Ratings(self.users.to(device), self.items.to(device), self.ratings.to(device))
+        return Ratings(self.users.to(device), self.items.to(device), self.ratings.to(device),
+                       None if self.days is None else self.days.to(device))
 
 
 @dataclass
@@ -84,6 +88,7 @@ def read_ratings(path: str | os.PathLike) -> Ratings:
         torch.from_numpy(frame["user"].to_numpy() - 1),
         torch.from_numpy(frame["item"].to_numpy() - 1),
         torch.from_numpy(frame["rating"].to_numpy().astype(np.float32)),
+        torch.from_numpy(frame["timestamp"].to_numpy() // 86400),
     )
 
 

@@ -3,6 +3,7 @@
   python hw0_recsys/experiments.py --preset cpu --dry_run      # what would run, and what is done
   python hw0_recsys/experiments.py --preset cpu                # course grid + 5-fold table, about an hour
   python hw0_recsys/experiments.py --stages tune               # the validation grid behind the SVD++ defaults
+  python hw0_recsys/experiments.py --stages blend              # every predictor and the BellKor blend, 5 folds
   python hw0_recsys/experiments.py --quick                     # a few epochs of everything (--preset smoke)
 
 Stages (``--stages``):
@@ -13,8 +14,13 @@ Stages (``--stages``):
   validation slice of the training ratings (``--early_stopping``). Test MRR, Recall@10,
   NDCG@10 and MSE, mean ± std over seeds.
 * folds: SVD++, SVD++ with the transductive N(u) (``--implicit_from_test``), biased MF (SVD++ without
-  y_j), I-AutoRec, and the blend ``w * AutoRec + (1 - w) * SVD++`` on the official folds u1..u5; test
-  RMSE per fold, mean and 95% interval, training time per fold (a blend's is the sum of its two runs).
+  y_j), I-AutoRec, the time models, the neighbourhood model, U-AutoRec, the kernel autoencoder, and
+  the blend ``w * AutoRec + (1 - w) * SVD++`` on the official folds u1..u5; test RMSE per fold, mean
+  and 95% interval, training time per fold (a blend's is the sum of its runs).
+* blend: the folds stage plus BellKor's blend of every deployable predictor (all but the transductive
+  N(u)): each is also trained without a probe slice (``PROBE_FRACTION`` of the training fold), a ridge
+  regression from the probe predictions to the probe ratings is fitted (``blend.py``), and applied to
+  the test predictions of the runs on the whole fold. The test ratings are never read to fit it.
 * tune: SVD++ and AutoRec variants scored on a 10% validation slice of u1.base, and the blend weight w
   that minimises the validation RMSE of the default SVD++ and AutoRec runs (the test folds are never
   used); the folds stage runs the two default runs too, to get w.
@@ -43,11 +49,13 @@ from common.errors import cli_main  # noqa: E402
 from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
 from common.runlog import scalar_curve  # noqa: E402
 from common.stats import mean_ci95  # noqa: E402
+from hw0_recsys.blend import blend_fold  # noqa: E402
+from hw0_recsys.data import load_split  # noqa: E402
 from hw0_recsys.metrics import rating_metrics  # noqa: E402
 
 HOMEWORK = "hw0_recsys"
 TRAIN = "hw0_recsys.train"
-STAGES = ("course", "folds", "tune")
+STAGES = ("course", "folds", "blend", "tune")
 COURSE_GRID = [  # (label, flags): shared vs separate embeddings x loss weights, as in the course
     ("fw0.99_rw0.01_shared", ["--factorization_weight", "0.99", "--regression_weight", "0.01"]),
     ("fw0.5_rw0.5_shared", ["--factorization_weight", "0.5", "--regression_weight", "0.5"]),
@@ -71,7 +79,15 @@ FOLD_MODELS = [  # (label, flags); every run saves its test predictions for the 
     ("SVD++ N(u) with test ids", ["--model", "svdpp", "--implicit_from_test"]),
     ("biased MF", ["--model", "svdpp", "--no_implicit"]),
     ("I-AutoRec", ["--model", "autorec"]),
+    ("time baseline", ["--model", "timebase"]),
+    ("timeSVD++", ["--model", "timesvdpp"]),
+    ("item-item neighbourhood", ["--model", "neighbourhood"]),
+    ("U-AutoRec", ["--model", "uautorec"]),
+    ("kernel AutoRec", ["--model", "kernelnet"]),
 ]
+# BellKor's blend takes every predictor a deployed recommender could use: not the transductive N(u)
+BELLKOR_MODELS = [(label, flags) for label, flags in FOLD_MODELS if "--implicit_from_test" not in flags]
+PROBE_FRACTION = "0.1"  # of each training fold, held out to fit the blend (the tune stage's slice size)
 BLEND = ("SVD++", "I-AutoRec")  # blended as w * second + (1 - w) * first, w chosen on validation
 BLEND_WEIGHTS = [round(0.1 * step, 1) for step in range(11)]
 VAL_FRACTION = "0.1"
@@ -118,6 +134,17 @@ def fold_configs(sizes: dict) -> list[Config]:
             for label, flags in FOLD_MODELS for fold in FOLDS]
 
 
+def probe_name(label: str, fold: str) -> str:
+    return "probe" + fold_name(label, fold).removeprefix("folds")
+
+
+def probe_configs(sizes: dict) -> list[Config]:
+    """Each blended predictor trained without the probe slice, predicting it (``predictions.pt``)."""
+    return [Config(probe_name(label, fold), TRAIN, [*flags, "--split", fold, "--val_fraction", PROBE_FRACTION,
+                                                    "--save_predictions", *epochs(sizes)])
+            for label, flags in BELLKOR_MODELS for fold in FOLDS]
+
+
 def tune_configs(sizes: dict, flag_sets: list[list[str]] = TUNE_GRID) -> list[Config]:
     return [Config(tune_name(flags), TRAIN, [*flags, "--split", "u1", "--val_fraction", VAL_FRACTION,
                                              "--save_predictions", *epochs(sizes)])
@@ -134,8 +161,10 @@ def configs(stages: list[str], preset: str) -> list[Config]:
     grid: list[Config] = []
     if "course" in stages:
         grid += course_configs(sizes)
-    if "folds" in stages:
+    if "folds" in stages or "blend" in stages:
         grid += tune_configs(sizes, blend_flag_sets()) + fold_configs(sizes)
+    if "blend" in stages:
+        grid += probe_configs(sizes)
     if "tune" in stages:
         grid += tune_configs(sizes)
     return grid
@@ -213,7 +242,47 @@ def mean_curve(run_dirs: Iterable[Path], tag: str) -> pd.Series:
     return frame.mean(axis=1).sort_index()
 
 
-def folds_section(frame: pd.DataFrame, out: Path) -> str:
+def bellkor_blends(frame: pd.DataFrame, data_dir: str | None) -> tuple[list[dict], str]:
+    """Rows of the 5-fold table for BellKor's blend (folds whose runs are all finished), and tables of
+    each fold's chosen blend with its weights, and of the blend without each predictor in turn."""
+    labels = [label for label, _ in BELLKOR_MODELS]
+    rows, weights, without = [], [], {label: {} for label in labels}
+    for fold in FOLDS:
+        probe_runs = [predictions(frame, probe_name(label, fold)) for label in labels]
+        full_runs = [predictions(frame, fold_name(label, fold)) for label in labels]
+        if any(run is None for run in probe_runs + full_runs):
+            continue
+        split = load_split(fold, data_dir)
+        blend, blended = blend_fold(probe_runs, full_runs, split, float(PROBE_FRACTION))
+        test_ratings = full_runs[0]["ratings"]  # scoring only: blend_fold never reads them
+        seconds = [lookup(frame, fold_name(label, fold), "train_seconds") for label in labels]
+        probe_seconds = [lookup(frame, probe_name(label, fold), "train_seconds") for label in labels]
+        rows.append({"model": f"BellKor blend ({len(labels)} predictors, ridge)", "fold": fold,
+                     "RMSE": rating_metrics(blended, test_ratings)["rmse"],
+                     "train s": sum(seconds) + sum(probe_seconds)})
+        # the predictors' own coefficients (columns 1..M); with meta-features each also has support terms
+        weights.append({"fold": fold, "meta-features": blend.meta, "ridge": blend.ridge,
+                        "probe CV RMSE": blend.cv_rmse[(blend.meta, blend.ridge)],
+                        "train s (whole fold; probe runs)": f"{sum(seconds):.0f}; {sum(probe_seconds):.0f}",
+                        "intercept": float(blend.weights[0]),
+                        **{label: float(w) for label, w in zip(labels, blend.weights[1:1 + len(labels)])}})
+        for left_out, label in enumerate(labels):  # what each predictor adds: the blend without it
+            keep = [k for k in range(len(labels)) if k != left_out]
+            _, rest = blend_fold([probe_runs[k] for k in keep], [full_runs[k] for k in keep], split,
+                                 float(PROBE_FRACTION))
+            without[label][fold] = rating_metrics(rest, test_ratings)["rmse"]
+    if not weights:
+        return rows, "not finished"
+    full = pd.Series({row["fold"]: row["RMSE"] for row in rows})
+    loo = pd.DataFrame(without).T  # [predictor, fold]
+    loo["mean"] = loo.mean(axis=1)
+    loo["mean change vs all"] = loo["mean"] - full.mean()
+    return rows, (pd.DataFrame(weights).to_markdown(index=False, floatfmt=".3f")
+                  + "\n\nThe blend without each predictor (test RMSE; change > 0: the predictor helps):\n\n"
+                  + loo.rename_axis("left out").to_markdown(floatfmt=".4f"))
+
+
+def folds_section(frame: pd.DataFrame, out: Path, data_dir: str | None = None, bellkor: bool = False) -> str:
     weight, _ = blend_weight(frame)
     rows = [{"model": label, "fold": fold, "RMSE": lookup(frame, fold_name(label, fold), "test/rmse"),
              "train s": lookup(frame, fold_name(label, fold), "train_seconds")}
@@ -225,7 +294,8 @@ def folds_section(frame: pd.DataFrame, out: Path) -> str:
                 seconds = sum(lookup(frame, fold_name(label, fold), "train_seconds") for label in BLEND)
                 rows.append({"model": f"blend {1 - weight:.1f} {BLEND[0]} + {weight:.1f} {BLEND[1]}", "fold": fold,
                              "RMSE": blended_rmse(first, second, weight), "train s": seconds})
-    frame = pd.DataFrame(rows).dropna(subset=["RMSE"])
+    blend_rows, weights_table = bellkor_blends(frame, data_dir) if bellkor else ([], "")
+    frame = pd.DataFrame(rows + blend_rows).dropna(subset=["RMSE"])
     if frame.empty:
         return "## 5-fold RMSE\n\nno finished runs"
     labels = list(dict.fromkeys(frame["model"]))
@@ -235,20 +305,25 @@ def folds_section(frame: pd.DataFrame, out: Path) -> str:
         mean, half_width = mean_ci95(table.loc[label].dropna().to_numpy())
         summary.append({"model": label, **table.loc[label].to_dict(), "mean RMSE": mean, "95% CI +-": half_width,
                         "max train s per fold": frame[frame["model"] == label]["train s"].max()})
-    fig, axis = plt.subplots(figsize=(9, 3.5))
+    fig, axis = plt.subplots(figsize=(12, 4))
     width = 0.8 / len(labels)
     for index, label in enumerate(labels):
-        axis.bar([position + index * width for position in range(len(FOLDS))], table.loc[label], width, label=label)
+        axis.bar([position + index * width for position in range(len(FOLDS))], table.loc[label], width, label=label,
+                 color=plt.cm.tab20(index % 20))  # the default cycle has 10 colours: two bars would share one
     axis.set_xticks([position + width * (len(labels) - 1) / 2 for position in range(len(FOLDS))], FOLDS)
-    axis.axhline(0.905, color="black", linestyle="--", linewidth=1, label="target 0.905")
+    axis.axhline(0.8889, color="black", linestyle="--", linewidth=1, label="GLocal-K u1 0.8889")
     axis.set_ylim(0.85, float(table.max().max()) + 0.02)
     axis.set_ylabel("test RMSE")
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(out / "folds_rmse.png", dpi=120)
     plt.close(fig)
-    return ("## 5-fold RMSE on the official u1..u5 folds\n\n"
+    text = ("## 5-fold RMSE on the official u1..u5 folds (a blend's train s: all its runs, probe runs included)\n\n"
             + pd.DataFrame(summary).to_markdown(index=False, floatfmt=".4f"))
+    if bellkor:
+        text += (f"\n\n## BellKor blend per fold ({PROBE_FRACTION} of each training fold as probe; settings "
+                 "chosen by 5-fold cross-validation on the probe)\n\n" + weights_table)
+    return text
 
 
 def tune_section(frame: pd.DataFrame) -> str:
@@ -275,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(frame: pd.DataFrame, out: Path) -> str:
         sections = {"course": lambda: course_section(frame, PRESETS[args.preset], out),
-                    "folds": lambda: folds_section(frame, out), "tune": lambda: tune_section(frame)}
-        return "\n\n".join(sections[stage]() for stage in stages)
+                    "folds": lambda: folds_section(frame, out, args.data_dir),
+                    "blend": lambda: folds_section(frame, out, args.data_dir, bellkor=True),
+                    "tune": lambda: tune_section(frame)}
+        shown = [stage for stage in stages if not (stage == "folds" and "blend" in stages)]  # blend has folds' table
+        return "\n\n".join(sections[stage]() for stage in shown)
 
     run_experiments(args, HOMEWORK, configs(stages, args.preset), report)
 

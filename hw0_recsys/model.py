@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hw0_recsys.data import Ratings
+
 
 class ScaledEmbedding(nn.Embedding):
     """Embedding initialised with N(0, 1/dim^2), as in Spotlight: small dot products at the start."""
@@ -87,7 +89,7 @@ def implicit_matrix(users: torch.Tensor, items: torch.Tensor, num_users: int, nu
         return matrix.to_sparse_csr()
 
 
-def _penalty_weights(counts: torch.Tensor, exponent: float) -> torch.Tensor:
+def penalty_weights(counts: torch.Tensor, exponent: float) -> torch.Tensor:
     """``counts**exponent``, normalised to sum to 1; parameters no training rating uses get 0.
     With exponent 1 this is the per-rating penalty of SGD (weights = counts / number of ratings)."""
     weights = torch.where(counts > 0, counts.clamp(min=1) ** exponent, torch.zeros_like(counts))
@@ -119,9 +121,9 @@ class SVDPlusPlus(nn.Module):
         item_counts = torch.bincount(train_items, minlength=num_items).float()  # [I] ratings per item
         # y_j is used by every rating of every user who rated j: sum of those users' rating counts.
         implicit_counts = torch.zeros(num_items).index_add_(0, train_items, user_counts[train_users])  # [I]
-        self.register_buffer("user_weights", _penalty_weights(user_counts, reg_exponent), persistent=False)
-        self.register_buffer("item_weights", _penalty_weights(item_counts, reg_exponent), persistent=False)
-        self.register_buffer("implicit_weights", _penalty_weights(implicit_counts, reg_exponent), persistent=False)
+        self.register_buffer("user_weights", penalty_weights(user_counts, reg_exponent), persistent=False)
+        self.register_buffer("item_weights", penalty_weights(item_counts, reg_exponent), persistent=False)
+        self.register_buffer("implicit_weights", penalty_weights(implicit_counts, reg_exponent), persistent=False)
         self.global_mean = nn.Parameter(torch.tensor(float(global_mean)))  # mu
         self.user_biases = nn.Parameter(torch.zeros(num_users))  # b_u
         self.item_biases = nn.Parameter(torch.zeros(num_items))  # b_i
@@ -145,6 +147,10 @@ class SVDPlusPlus(nn.Module):
         """``[U, I]`` predicted ratings (unclipped) for every pair."""
         return (self.global_mean + self.user_biases[:, None] + self.item_biases[None, :]
                 + self.user_vectors() @ self.item_factors.T)
+
+    def predict(self, ratings: Ratings) -> torch.Tensor:
+        """``[B]`` predicted ratings (unclipped) of the pairs in ``ratings``."""
+        return self(ratings.users, ratings.items)
 
     def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """``[B]`` ids -> ``[B]`` predicted ratings (unclipped)."""
@@ -191,6 +197,10 @@ class ItemAutoRec(nn.Module):
         reconstructed = torch.where(self.item_seen[:, None], reconstructed, torch.full_like(reconstructed,
                                                                                             self.global_mean))
         return reconstructed.T
+
+    def predict(self, ratings: Ratings) -> torch.Tensor:
+        """``[B]`` predicted ratings (unclipped) of the pairs in ``ratings``."""
+        return self(ratings.users, ratings.items)
 
     def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """``[B]`` ids -> ``[B]`` predicted ratings (unclipped)."""

@@ -26,6 +26,8 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 
 # isort: split
 import argparse
+import inspect
+import math
 import time
 from pathlib import Path
 
@@ -47,12 +49,14 @@ from common.errors import CS330Error, cli_main
 from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
-from hw0_recsys.data import SPLIT_CHOICES, Ratings, holdout, interaction_matrix, load_split
+from hw0_recsys.autoencoders import KernelAutoRec, UserAutoRec
+from hw0_recsys.data import SPLIT_CHOICES, VAL_SPLIT_SEED, Ratings, holdout, interaction_matrix, load_split
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
 from hw0_recsys.model import ItemAutoRec, MultiTaskNet, SVDPlusPlus
+from hw0_recsys.neighbourhood import ItemNeighbourhood
+from hw0_recsys.time_models import TimeBaseline, TimeSVDPlusPlus
 
 HOMEWORK = "hw0_recsys"
-VAL_SPLIT_SEED = 4321  # fixed: the validation slice must not change with the training seed
 # Flags left unset take the default of the chosen model.
 MODEL_DEFAULTS = {
     "multitask": {"embedding_dim": 32, "num_epochs": 10, "batch_size": 256, "lr": 1e-3},
@@ -60,7 +64,19 @@ MODEL_DEFAULTS = {
     "svdpp": {"embedding_dim": 50, "num_epochs": 300, "batch_size": 0, "lr": 0.01},
     "autorec": {"embedding_dim": 300, "num_epochs": 100, "batch_size": 0, "lr": 0.01},
 }
-FULL_BATCH_MODELS = ("svdpp", "autorec")
+# The blend's other predictors (issue 15). Each has predict(Ratings), all_scores() and penalty(); its
+# hyper-parameters are its constructor's keyword arguments, set with --model_arg NAME=VALUE, and their
+# defaults were chosen on a validation slice of u1.base (README).
+RATING_MODELS = {"timebase": TimeBaseline, "timesvdpp": TimeSVDPlusPlus, "neighbourhood": ItemNeighbourhood,
+                 "uautorec": UserAutoRec, "kernelnet": KernelAutoRec}
+MODEL_DEFAULTS.update({  # run length and Adam rate of each (--embedding_dim does not apply: see --model_arg)
+    "timebase": {"embedding_dim": 0, "num_epochs": 300, "batch_size": 0, "lr": 0.01},
+    "timesvdpp": {"embedding_dim": 0, "num_epochs": 300, "batch_size": 0, "lr": 0.01},
+    "neighbourhood": {"embedding_dim": 0, "num_epochs": 100, "batch_size": 0, "lr": 0.02},
+    "uautorec": {"embedding_dim": 0, "num_epochs": 100, "batch_size": 0, "lr": 0.01},
+    "kernelnet": {"embedding_dim": 0, "num_epochs": 400, "batch_size": 0, "lr": 0.03, "lr_schedule": "cosine"},
+})
+FULL_BATCH_MODELS = ("svdpp", "autorec", *RATING_MODELS)
 # Flags a --resume may change (besides common.cli.RUN_ONLY_FLAGS): the run length, the intervals and
 # whether the final predictions are saved. Every other flag must equal the run's.
 RESUMABLE_FLAGS = ("num_epochs", "eval_every", "checkpoint_every", "save_predictions")
@@ -68,10 +84,13 @@ FP32_BECAUSE = "hw0's models are small embedding/MLP models; bf16 was not measur
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("multitask", "svdpp", "autorec"), default="multitask",
-                        help="multitask: the course's two-headed model; svdpp: the SVD++ rating model; "
-                             "autorec: the I-AutoRec rating model")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=model_args_help())
+    parser.add_argument("--model", choices=("multitask", "svdpp", "autorec", *RATING_MODELS), default="multitask",
+                        help="multitask: the course's two-headed model; svdpp: SVD++; autorec: I-AutoRec; "
+                             "timebase: baseline with time effects; timesvdpp: timeSVD++; neighbourhood: "
+                             "item-item model with learned weights; uautorec: U-AutoRec; kernelnet: "
+                             "kernelized autoencoder (GLocal-K's local kernel)")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="random",
                         help="random: 95/5 random split of u.data (the course's); u1..u5/ua/ub: official folds")
     parser.add_argument("--test_fraction", type=unit_interval, default=0.05, help="test share of the random split")
@@ -87,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=non_negative_int, default=None,
                         help="ratings per step; 0 = full batch (256 | 0)")
     parser.add_argument("--lr", type=learning_rate, default=None, help="Adam learning rate (1e-3 | 0.01 | 0.01)")
+    parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default=None,
+                        help="constant, or cosine decay to 0 over --num_epochs (default: cosine for kernelnet, "
+                             "whose full-batch training oscillates at a constant rate; constant otherwise)")
     mt = parser.add_argument_group("multitask model")
     mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
                     help="weight of the interaction (ranking) loss")
@@ -110,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar = parser.add_argument_group("autorec model")
     ar.add_argument("--autorec_reg", type=non_negative_float, default=100.0,
                     help="the paper's lambda: L2 on the encoder and decoder weights")
+    parser.add_argument("--model_arg", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"a hyper-parameter of --model {'/'.join(RATING_MODELS)} (repeatable; listed below)")
     parser.add_argument("--save_predictions", action="store_true",
                         help="write the final predicted ratings of the evaluation pairs to predictions.pt (for blends)")
     parser.add_argument("--eval_every", type=positive_int, default=None, help="epochs between evaluations")
@@ -121,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for key, value in MODEL_DEFAULTS[args.model].items():
+    for key, value in {"lr_schedule": "constant", **MODEL_DEFAULTS[args.model]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.test_fraction in (0.0, 1.0):
@@ -137,10 +161,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "and bf16 was not measured for it elsewhere; train it in fp32")
     if args.model == "multitask" and args.factorization_weight + args.regression_weight == 0:
         parser.error("--factorization_weight and --regression_weight are both 0: nothing would be trained")
+    if args.model in RATING_MODELS:
+        if args.embedding_dim != MODEL_DEFAULTS[args.model]["embedding_dim"]:
+            parser.error(f"--embedding_dim does not apply to --model {args.model}: its sizes are --model_arg "
+                         f"hyper-parameters ({', '.join(model_hparams(args.model))})")
+        if args.precision == "bf16":
+            parser.error(f"--precision bf16 was not measured for --model {args.model}; train it in fp32")
+    elif args.model_arg:
+        parser.error(f"--model_arg applies to --model {'/'.join(RATING_MODELS)}, not to {args.model}")
+    args.model_args = parse_model_args(parser, args.model, args.model_arg) if args.model in RATING_MODELS else {}
+    del args.model_arg  # stored parsed, as model_args
     full_batch = args.model in FULL_BATCH_MODELS and args.batch_size == 0
     args.eval_every = args.eval_every or (25 if full_batch else 1)
     args.checkpoint_every = args.checkpoint_every or (25 if full_batch else 1)
     return args
+
+
+def model_hparams(model: str) -> dict[str, object]:
+    """The keyword arguments of a rating model's constructor, with their defaults."""
+    signature = inspect.signature(RATING_MODELS[model].__init__)
+    return {name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def model_args_help() -> str:
+    lines = ["--model_arg hyper-parameters (defaults chosen on a validation slice of u1.base):"]
+    lines += [f"  {model}: " + ", ".join(f"{name}={value}" for name, value in model_hparams(model).items())
+              for model in RATING_MODELS]
+    return "\n".join(lines)
+
+
+def parse_model_args(parser: argparse.ArgumentParser, model: str, pairs: list[str]) -> dict[str, object]:
+    """``["hidden_size=500", ...]`` -> ``{"hidden_size": 500}``, typed like each default; a name the
+    model does not take, or a value of the wrong type, is a parse error naming the choices."""
+    known, parsed = model_hparams(model), {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        if not equals or name not in known:
+            parser.error(f"--model_arg {pair!r}: expected NAME=VALUE with NAME one of {', '.join(known)} "
+                         f"(--model {model})")
+        kind = type(known[name])
+        try:
+            value = {bool: lambda t: {"true": True, "false": False}[t.lower()]}.get(kind, kind)(text)
+        except (KeyError, ValueError):
+            parser.error(f"--model_arg {pair!r}: {name} must be of type {kind.__name__} (default {known[name]})")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < float("inf"):
+            parser.error(f"--model_arg {pair!r}: {name} must be a finite number >= 0")
+        parsed[name] = value
+    return parsed
 
 
 def resolved_precision(requested: str) -> str:
@@ -161,6 +228,8 @@ def run_name_parts(args: argparse.Namespace) -> dict:
     """The flags that change the result, in the run name's order."""
     common = {"split": args.split, "dim": args.embedding_dim, "ep": args.num_epochs, "bs": args.batch_size,
               "lr": args.lr}
+    if args.lr_schedule != "constant":
+        common["sched"] = args.lr_schedule
     if args.split == "random":
         common["testfrac"] = args.test_fraction
     if args.val_fraction > 0:
@@ -176,8 +245,11 @@ def run_name_parts(args: argparse.Namespace) -> dict:
                     "regexp": args.reg_exponent, "implicit": int(not args.no_implicit)}
         if args.implicit_from_test:
             specific["nutest"] = 1
-    else:
+    elif args.model == "autorec":
         specific = {"reg": args.autorec_reg}
+    else:  # only the hyper-parameters set on the command line: hparams.json has them all
+        specific = dict(sorted(args.model_args.items()))
+        del common["dim"]
     return {**common, **specific, "prec": resolved_precision(args.precision), "seed": args.seed}
 
 
@@ -187,6 +259,8 @@ def build_model(args: argparse.Namespace, train: Ratings, num_users: int, num_it
     if args.model == "multitask":
         return MultiTaskNet(num_users, num_items, args.embedding_dim, args.layer_sizes,
                             embedding_sharing=not args.no_embedding_sharing)
+    if args.model in RATING_MODELS:
+        return RATING_MODELS[args.model](num_users, num_items, train, **args.model_args)
     if args.model == "autorec":
         return ItemAutoRec(num_users, num_items, args.embedding_dim, train.users, train.items, train.ratings)
     rated = rated or train
@@ -203,12 +277,14 @@ def build_model(args: argparse.Namespace, train: Ratings, num_users: int, num_it
 def training_losses(args: argparse.Namespace, model: torch.nn.Module, batch: Ratings,
                     generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The losses of one step; ``loss`` is what is minimised."""
-    if args.model == "autorec":
-        regression = (model(batch.users, batch.items) - batch.ratings).square().mean()
-        return {"loss": regression + model.penalty(args.autorec_reg), "regression_loss": regression}
-    if args.model == "svdpp":
-        regression = (model(batch.users, batch.items) - batch.ratings).square().mean()
-        penalty = model.penalty(args.factor_reg, args.bias_reg, args.implicit_reg)
+    if args.model != "multitask":  # a rating model: squared error over the batch plus its L2 penalty
+        regression = (model.predict(batch) - batch.ratings).square().mean()
+        if args.model == "autorec":
+            penalty = model.penalty(args.autorec_reg)
+        elif args.model == "svdpp":
+            penalty = model.penalty(args.factor_reg, args.bias_reg, args.implicit_reg)
+        else:
+            penalty = model.penalty()
         return {"loss": regression + penalty, "regression_loss": regression}
     # One uniformly drawn negative item per positive, as Spotlight's pointwise loss does.
     negatives = torch.randint(model.item_biases.num_embeddings, (len(batch),), generator=generator)
@@ -253,9 +329,9 @@ def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: i
     """Ranking metrics over all items (training items excluded) and rating metrics on the test pairs;
     the predicted ratings are saved to ``predictions_path`` when given."""
     model.eval()
-    if isinstance(model, (SVDPlusPlus, ItemAutoRec)):
+    if not isinstance(model, MultiTaskNet):
         scores = model.all_scores()  # rank by predicted rating
-        predicted = scores.reshape(-1)[test.users * num_items + test.items]
+        predicted = model.predict(test)  # time models read the test ratings' days, so not from scores
     else:
         scores = model.all_logits()
         predicted = model(test.users, test.items)[1]
@@ -283,15 +359,16 @@ def update_best(best: dict, metrics: dict, epoch: int, model: torch.nn.Module) -
                             "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-def early_stopped_metrics(model: torch.nn.Module, best: dict, train: Ratings, test: Ratings, num_users: int,
+def early_stopped_metrics(model: torch.nn.Module, best: dict, rated: Ratings, test: Ratings, num_users: int,
                           num_items: int) -> dict[str, float]:
     """Test metrics as deployed with per-task early stopping: the ranking metrics of the best-MRR
-    weights, the rating metrics of the best-MSE weights, and the epochs they came from."""
+    weights, the rating metrics of the best-MSE weights, and the epochs they came from. ``rated``:
+    every known rating (training and validation), whose items are left out of the test ranking."""
     final = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
     for metric in BETTER:
         model.load_state_dict(best[metric]["model"])
-        metrics = evaluate(model, train, test, num_users, num_items)
+        metrics = evaluate(model, rated, test, num_users, num_items)
         results.update({f"test/{k}": v for k, v in metrics.items() if (k in RATING_KEYS) == (metric == "mse")})
         results[f"best_epoch/{metric}"] = best[metric]["epoch"]
     model.load_state_dict(final)
@@ -302,6 +379,10 @@ def early_stopped_metrics(model: torch.nn.Module, best: dict, train: Ratings, te
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    # Adam with weight decay drives the moments of rarely used embedding rows into subnormal floats, on
+    # which a CPU is many times slower: 12 epochs with --weight_decay 1e-5 took 201 s against 42 s with
+    # subnormals flushed to zero, with the same MRR and RMSE to 3 decimals (README).
+    torch.set_flush_denormal(True)
     # The data and the model first: whatever fails on bad input fails before a run folder exists.
     split = load_split(args.split, args.data_dir, args.test_fraction)
     train, evaluation, eval_name = split.train, split.test, "test"
@@ -319,6 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
     train, evaluation = train.to(device), evaluation.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.weight_decay if args.model == "multitask" else 0.0)
+    # cosine: the rate of epoch e (0-based) is lr * (1 + cos(pi e / num_epochs)) / 2, down to ~0 at the end
+    decay = (lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / args.num_epochs))) if args.lr_schedule == "cosine" \
+        else (lambda epoch: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     generator = torch.Generator().manual_seed(args.seed)  # data order and negative samples
 
     run_name = build_run_name(args.model, run_name_parts(args))
@@ -329,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if "scheduler" in state:  # checkpoints from before --lr_schedule: constant rate
+                scheduler.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
             restore_rng_state(state["rng"])
             start_epoch, best = state["step"], state.get("best", {})
@@ -340,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
             started = time.perf_counter()
             for epoch in range(start_epoch + 1, args.num_epochs + 1):
                 epoch_losses = train_epoch(args, model, optimizer, train, generator, device, precision)
+                scheduler.step()
                 run.check_loss(epoch_losses["train/loss"], epoch)
                 logger.log(epoch_losses, epoch)
                 if epoch % args.eval_every == 0 or epoch == args.num_epochs:
@@ -352,6 +440,7 @@ def main(argv: list[str] | None = None) -> dict:
                     logger.advance(epoch, loss=epoch_losses["train/loss"])
                 if epoch % args.checkpoint_every == 0 or epoch == args.num_epochs:
                     run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(),
                                      "generator": generator.get_state(), "rng": capture_rng_state(), "best": best},
                              keep_last=2)
 
@@ -359,7 +448,10 @@ def main(argv: list[str] | None = None) -> dict:
                                run_dir / "predictions.pt" if args.save_predictions else None)
             results = {f"{eval_name}/{key}": value for key, value in metrics.items()}
             if args.early_stopping:
-                results.update(early_stopped_metrics(model, best, train, test, split.num_users, split.num_items))
+                # Ranked among all items the user has not rated: the validation slice's are rated too
+                # (left among the candidates, they cost the 200-epoch runs 0.011 test MRR: 0.121 vs 0.132).
+                results.update(early_stopped_metrics(model, best, split.train.to(device), test, split.num_users,
+                                                     split.num_items))
             results["train_seconds"] = time.perf_counter() - started  # this session only, if resumed
             logger.finish(results)
             logger.write(" ".join(f"{key}={value:.4f}" for key, value in results.items()) + f"  ({run_dir})")

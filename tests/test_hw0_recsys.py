@@ -41,7 +41,7 @@ def write_synthetic_ml100k(root, num_users: int = 40, num_items: int = 60, per_u
         items[1] = (user + num_users) % num_items
         for item in set(items.tolist()):
             stars = int(np.clip(np.rint(3 + user_factors[user] @ item_factors[item]), 1, 5))
-            rows.append(f"{user + 1}\t{item + 1}\t{stars}\t{880000000 + len(rows)}")
+            rows.append(f"{user + 1}\t{item + 1}\t{stars}\t{880000000 + 3600 * len(rows)}")
     folder = root / "ml-100k"
     folder.mkdir(parents=True)
     (folder / "u.data").write_text("\n".join(rows) + "\n")
@@ -191,6 +191,24 @@ def test_early_stopping_reports_test_metrics_of_each_tasks_best_validation_epoch
     assert stopped["test/mse"] == pytest.approx(results["test/mse"])
 
 
+def test_early_stopped_test_ranking_leaves_out_the_validation_items_too():
+    class FixedScores(torch.nn.Module):  # user 0 scores a validation item highest, then the test item
+        def all_scores(self) -> torch.Tensor:
+            return torch.tensor([[0.0, 9.0, 8.0] + [1.0] * 9])  # [1 user, 12 items]
+
+        def predict(self, ratings: Ratings) -> torch.Tensor:
+            return torch.full((len(ratings),), 3.0)
+
+    def one(item: int, stars: float) -> Ratings:
+        return Ratings(torch.tensor([0]), torch.tensor([item]), torch.tensor([stars]))
+
+    best = {metric: {"epoch": 1, "model": {}} for metric in ("mrr", "mse")}
+    rated = Ratings(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([4.0, 5.0]))  # training + validation
+    results = train_script.early_stopped_metrics(FixedScores(), best, rated, one(2, 3.0), 1, 12)
+    assert results["test/mrr"] == 1.0  # item 1 is known, so the test item ranks first
+    assert train_script.early_stopped_metrics(FixedScores(), best, one(0, 4.0), one(2, 3.0), 1, 12)["test/mrr"] == 0.5
+
+
 def test_autorec_run_fits_the_ratings_and_saves_predictions(synthetic_dir, tmp_path):
     results = train_script.main(train_args(synthetic_dir, tmp_path / "run", "--model", "autorec", "--num_epochs",
                                            "60", "--embedding_dim", "16", "--autorec_reg", "1", "--save_predictions"))
@@ -252,7 +270,8 @@ def start_train(log: Path, *flags: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_flags", [("--batch_size", "64"), ("--model", "svdpp", "--embedding_dim", "8"),
-                                         ("--batch_size", "64", "--val_fraction", "0.2", "--early_stopping")])
+                                         ("--batch_size", "64", "--val_fraction", "0.2", "--early_stopping"),
+                                         ("--model", "kernelnet", "--model_arg", "hidden_size=16")])  # cosine lr
 def test_resume_after_sigkill_gives_identical_final_metrics(synthetic_dir, tmp_path, model_flags):
     flags = ("--num_epochs", "40", "--checkpoint_every", "1", "--eval_every", "1", *model_flags)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -425,6 +444,8 @@ def test_clean_runs_print_no_warnings(synthetic_dir, tmp_path):
     # A fresh process: torch warns once per process, so an earlier test could hide a warning here.
     runs = [train_args(synthetic_dir, tmp_path / model, "--model", model, "--num_epochs", "2", "--embedding_dim", "4")
             for model in ("multitask", "svdpp", "autorec")]
+    runs += [train_args(synthetic_dir, tmp_path / model, "--model", model, "--num_epochs", "2")
+             for model in train_script.RATING_MODELS]
     code = "; ".join(["from hw0_recsys.train import main", *(f"main({argv!r})" for argv in runs)])
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], env=script_env(),
                           capture_output=True, text=True, timeout=300)
@@ -474,6 +495,13 @@ def test_precision_is_printed_and_recorded(synthetic_dir, tmp_path, capsys):
     (["--implicit_from_test"], "only applies to --model svdpp"),
     (["--model", "svdpp", "--bf16"], "no bf16"),
     (["--early_stopping"], "also pass --val_fraction"),
+    (["--model", "kernelnet", "--model_arg", "no_such=1"], "expected NAME=VALUE"),
+    (["--model", "kernelnet", "--model_arg", "hidden_size"], "expected NAME=VALUE"),
+    (["--model", "kernelnet", "--model_arg", "hidden_size=big"], "must be of type int"),
+    (["--model", "timesvdpp", "--model_arg", "embedding_dim=-2"], "finite number >= 0"),
+    (["--model", "svdpp", "--model_arg", "x=1"], "--model_arg applies to"),
+    (["--model", "neighbourhood", "--embedding_dim", "8"], "--embedding_dim does not apply"),
+    (["--model", "timebase", "--bf16"], "not measured"),
 ])
 def test_bad_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
