@@ -49,7 +49,7 @@ from common.errors import cli_main  # noqa: E402
 from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
 from common.runlog import scalar_curve  # noqa: E402
 from common.stats import mean_ci95  # noqa: E402
-from hw0_recsys.blend import blend_fold  # noqa: E402
+from hw0_recsys.blend import blend_fold, stacked_predictions  # noqa: E402
 from hw0_recsys.data import load_split  # noqa: E402
 from hw0_recsys.metrics import rating_metrics  # noqa: E402
 
@@ -179,10 +179,8 @@ def predictions(frame: pd.DataFrame, name: str) -> dict[str, torch.Tensor] | Non
 
 def blended_rmse(first: dict, second: dict, weight: float) -> float:
     """RMSE of ``weight * second + (1 - weight) * first`` (same evaluation pairs in the same order)."""
-    if not (torch.equal(first["users"], second["users"]) and torch.equal(first["items"], second["items"])):
-        raise RuntimeError("blended runs were evaluated on different pairs")
-    blend = weight * second["predicted"] + (1 - weight) * first["predicted"]
-    return rating_metrics(blend, first["ratings"])["rmse"]
+    both = stacked_predictions([first, second], first["users"], first["items"])  # [R, 2], pairs checked
+    return rating_metrics(weight * both[:, 1] + (1 - weight) * both[:, 0], first["ratings"])["rmse"]
 
 
 def blend_weight(frame: pd.DataFrame) -> tuple[float | None, dict[float, float]]:

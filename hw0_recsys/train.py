@@ -331,7 +331,10 @@ def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: i
     model.eval()
     if not isinstance(model, MultiTaskNet):
         scores = model.all_scores()  # rank by predicted rating
-        predicted = model.predict(test)  # time models read the test ratings' days, so not from scores
+        # A time model's rating depends on the test rating's day, which the scores (at t_u) do not
+        # know; every other model's rating is read from the scores, not computed a second time.
+        predicted = (model.predict(test) if isinstance(model, (TimeBaseline, TimeSVDPlusPlus))
+                     else scores.reshape(-1)[test.users * num_items + test.items])
     else:
         scores = model.all_logits()
         predicted = model(test.users, test.items)[1]
