@@ -1,10 +1,14 @@
-"""Generated tokens per second: greedy decoding with the KV cache (``model.generate``) against a
-greedy loop without it, which re-runs the whole sequence for every new token.
+"""Generation speed, two comparisons, each on identical work (the outputs are checked equal):
 
     python hw3_lm_fewshot/bench.py --model smollm2 --prompt_tokens 256 --new_tokens 64
+    python hw3_lm_fewshot/bench.py --batched --dataset babi --k 4 --n_eval 48
 
-Both generate exactly ``--new_tokens`` tokens (no early stop) from the same prompt, and the
-outputs are checked to be the same tokens, so the speed-up is for identical work.
+- default: greedy decoding with the KV cache (``model.generate``) against a loop without it, which
+  re-runs the whole sequence for every new token; both generate exactly ``--new_tokens`` tokens.
+- ``--batched``: the ICL evaluation of ``--n_eval`` questions with one fixed support set, three
+  ways: one prompt at a time (``generate_greedy``), left-padded batches of ``--batch_size`` whole
+  prompts, and batches after the shared support prefix was read once into a KV cache. Prints
+  seconds and answer tokens per second of each; the answers must be identical.
 """
 
 from __future__ import annotations
@@ -17,14 +21,53 @@ import argparse
 import torch
 
 from common.cli import positive_int
-from common.device import DEVICE_CHOICES, resolve_device
+from common.device import DEVICE_CHOICES, configure_threads, resolve_device
 from common.errors import CS330Error, cli_main
 from common.timing import timed
-from hw3_lm_fewshot.generation import greedy_no_cache
+from hw3_lm_fewshot.data import load_task
+from hw3_lm_fewshot.generation import generate_batch, generate_greedy, greedy_no_cache, prefix_cache
 from hw3_lm_fewshot.models import MODEL_CHOICES, load_causal_lm, resolve_model
+from hw3_lm_fewshot.prompts import (
+    DEFAULT_PROMPT,
+    GENERATION_TASKS,
+    MAX_NEW_TOKENS,
+    build_prompt,
+    encode_queries,
+    ordered_support,
+)
 
 TEXT = ("Mary moved to the bathroom. John went to the hallway. Daniel travelled to the office. "
         "Sandra journeyed to the garden. ")
+
+
+def bench_batched(model, tokenizer, args: argparse.Namespace) -> dict:
+    """One-at-a-time against batched against batched-after-a-cached-prefix, on the same questions."""
+    task = load_task(args.dataset, seed=0, n_eval=args.n_eval, data_dir=args.data_dir)
+    prompt = DEFAULT_PROMPT[args.dataset]
+    support = ordered_support(task, args.k, seed=0, ordering=0)
+    whole = [build_prompt(task.name, prompt, support, ex.x) for ex in task.eval]
+    prefix_ids, queries, _ = encode_queries(tokenizer, model, task, args.k, prompt, 0, True, 0, None)
+    new_tokens = MAX_NEW_TOKENS[task.name]
+    chunks = range(0, len(queries), args.batch_size)
+    ways = {
+        "one_at_a_time": lambda: [generate_greedy(model, tokenizer, text, new_tokens) for text in whole],
+        "batched": lambda: [a for i in chunks for a in generate_batch(
+            model, tokenizer, [prefix_ids + q for q in queries[i:i + args.batch_size]], new_tokens)],
+        "batched_prefix_cache": lambda: (lambda cache: [a for i in chunks for a in generate_batch(
+            model, tokenizer, queries[i:i + args.batch_size], new_tokens, prefix_ids, cache)])(
+                prefix_cache(model, prefix_ids)),
+    }
+    result, answers = {}, {}
+    for name, fn in ways.items():
+        answers[name], seconds = timed(fn, model.device)
+        generated = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers[name])
+        result[f"{name}_seconds"], result[f"{name}_tokens_per_s"] = seconds, generated / seconds
+        print(f"{name:>22}: {seconds:6.1f} s, {generated / seconds:6.1f} answer tokens/s")
+    if any(a != answers["one_at_a_time"] for a in answers.values()):
+        raise CS330Error("the batched answers differ from the one-at-a-time answers; the comparison is invalid")
+    print(f"{args.dataset}, k={args.k}, {len(whole)} questions, batch {args.batch_size}, prefix "
+          f"{len(prefix_ids)} tokens, threads {torch.get_num_threads()}: answers identical")
+    return result
 
 
 @cli_main
@@ -35,10 +78,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new_tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs each, best kept (default: 1)")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="where to run (default: auto)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: all cores)")
+    batched = parser.add_argument_group("--batched: the ICL evaluation one at a time against batched")
+    batched.add_argument("--batched", action="store_true", help="run this comparison instead")
+    batched.add_argument("--dataset", default="babi", choices=GENERATION_TASKS, help="(default: babi)")
+    batched.add_argument("--k", type=positive_int, default=4, help="support examples (default: 4)")
+    batched.add_argument("--n_eval", type=positive_int, default=48, help="questions (default: 48)")
+    batched.add_argument("--batch_size", type=positive_int, default=8, help="(default: 8)")
+    batched.add_argument("--data_dir", default=None, help="hw3 data folder (default: data/ or $CS330_DATA_MIRROR)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    configure_threads(args.threads)
     model, tokenizer = load_causal_lm(resolve_model(args.model))
     model.to(device).eval()
+    if args.batched:
+        return bench_batched(model, tokenizer, args)
     ids = tokenizer(TEXT * (args.prompt_tokens // 8 + 1))["input_ids"][:args.prompt_tokens]
     input_ids = torch.tensor([ids], device=device)  # [1, T]
 

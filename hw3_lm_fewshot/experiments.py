@@ -1,25 +1,31 @@
-"""The course's hw3 questions, as a grid of ``ft.py`` / ``icl.py`` runs, with tables and plots.
+"""hw3's questions as one grid of ``ft.py`` / ``icl.py`` runs: fine-tuning modes and LoRA against
+in-context learning on the same tasks, with tables, a cost table and plots.
 
     python hw3_lm_fewshot/experiments.py --preset cpu --dry_run     # what would run, and what is done
-    python hw3_lm_fewshot/experiments.py --preset cpu               # offline models, about 3 h on 2 CPU cores
+    python hw3_lm_fewshot/experiments.py --preset cpu --threads 1   # offline models (minilm, smollm2)
     python hw3_lm_fewshot/experiments.py --preset course --device cuda   # the course's models (hub)
 
-Parts (``--parts`` picks some):
-- ``amazon_ft``: fine-tune the encoder on amazon, k = 1, 8, 128 per class (mode all).
-- ``babi_icl``: in-context learning on bAbI, k = 0, 1, 16, prompt qa.
-- ``xsum_icl``: in-context learning on XSum, k = 0, 1, 4, prompts none / tldr / custom.
-- ``ft_modes``: fine-tuning modes first/last/middle/lora4/lora16 on xsum and babi, k = 0, 1, 8, 128
-  (k = 0 is the pre-trained model, the same for every mode, so it is run once).
-- ``lora_vs_icl``: LoRA-16 against ICL (tldr) on XSum at k = 0, 1, 4, with error bars over the repeats
-  (its ICL runs are xsum_icl's tldr runs when the two parts share k and sizes).
-Presets (PRESETS below): ``course`` = the grid above with the course's models (bert-med, GPT-2 XL from
-the hub), 125 evaluation examples (amazon: 250, all the local 999-review file allows at k = 128),
-3 repeats, 100 steps; ``cpu`` = the offline models (minilm, smollm2), 30 evaluation examples, 2
-repeats, 50 fine-tuning steps (amazon 100), ft_modes without k = 128: about 3 h from the README's
-per-run times; ``smoke`` (``--quick``) = the small grid of QUICK, 10 examples, 1 repeat, 20 steps.
-Each run is one ``ft.py`` / ``icl.py`` call in ``runs/hw3_lm_fewshot/experiments/<preset>/<name>``
-(see common/grid.py: finished runs are reused; a killed one is rerun, as these scripts keep no
-checkpoints). Writes ``results.json``, ``results.md`` (tables) and one PNG plot per part.
+Parts (``--parts`` picks some; the grid is in CPU / COURSE / SMOKE below):
+- ``amazon_ft``: the encoder fine-tuned on 5-way star ratings, modes all / last / first / middle /
+  lora4 / lora16, k = 1, 8, 128 per class, until the support set is fitted (or a step limit).
+- ``amazon_icl``: the causal LM on the same reviews in context, k = 0, 1, 4 per class, the label
+  scored by likelihood (the most likely of " 1" .. " 5" after "Stars:").
+- ``babi_icl`` (k = 0, 1, 4, 16) against ``babi_ft`` (last, lora4, lora16, all at k = 1, 8, 64).
+- ``babi_order``: ICL at k = 16 with 5 orderings of each seed's support set.
+- ``xsum_icl`` (prompts none / tldr / custom, k = 0, 1, 4) against ``xsum_ft`` (lora16, last).
+- ``bf16``: bAbI ICL at k = 4 again under bf16 autocast (``course``: a fine-tuning setting too).
+ICL runs use ``--support fixed``: one support set per seed, shared by every query and read once,
+as fine-tuning trains on one support set per seed (so a seed's spread means the same thing for
+both). Each cell is the mean ± std over 3 seeds (k = 0 ICL: one run, greedy answers do not depend
+on the seed); each seed draws the support set, the head and the batch order; the evaluation set is
+the same for every run of a task. Presets: ``cpu`` (minilm + smollm2, 250 / 200 / 100 evaluation
+examples for amazon / babi / xsum), ``course`` (bert-med + GPT-2 XL from the hub, longer training,
+bAbI k = 128), ``smoke`` (``--quick``: a few runs of each part on small evaluation sets).
+Each configuration is one script call in ``runs/hw3_lm_fewshot/experiments/<preset>/<name>``;
+finished ones are skipped, so a killed grid continues where it stopped (a run that was cut short
+starts again: these scripts keep no checkpoints). Two processes with disjoint ``--only`` patterns
+run side by side. Writes ``results.json``, ``results.md`` (tables, cost) and ``score_vs_k.png``,
+``score_vs_params.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pandas as pd
 
 matplotlib.use("Agg")
@@ -39,72 +46,84 @@ from hw3_lm_fewshot.cli import print_table, summarize  # noqa: E402
 from hw3_lm_fewshot.metrics import TASK_METRIC  # noqa: E402
 
 HOMEWORK = "hw3_lm_fewshot"
-PARTS = ("amazon_ft", "babi_icl", "xsum_icl", "ft_modes", "lora_vs_icl")
-FULL = {
-    "amazon_ft": {"k": [1, 8, 128]},
-    "babi_icl": {"k": [0, 1, 16], "prompts": ["qa"]},
+PARTS = ("amazon_ft", "amazon_icl", "babi_icl", "babi_order", "babi_ft", "xsum_icl", "xsum_ft", "bf16")
+ENCODER_MODES = ["all", "last", "first", "middle", "lora4", "lora16"]
+# part -> what it runs; "steps" = (--max_steps, --early_stop_acc): the run stops once the support
+# set is fitted (classification accuracy / answer-token accuracy on up to 32 support examples)
+CPU = {
+    "amazon_ft": {"k": [1, 8, 128], "modes": ENCODER_MODES, "steps": (240, 1.0)},
+    "amazon_icl": {"k": [0, 1, 4], "prompts": ["qa"]},
+    "babi_icl": {"k": [0, 1, 4, 16], "prompts": ["qa"]},
+    "babi_order": {"k": 16, "orderings": 5},
+    "babi_ft": {"k": [1, 8, 64], "modes": ["last", "lora4", "lora16", "all"], "steps": (20, 1.0)},
     "xsum_icl": {"k": [0, 1, 4], "prompts": ["none", "tldr", "custom"]},
-    "ft_modes": {"k": [0, 1, 8, 128], "modes": ["first", "last", "middle", "lora4", "lora16"],
-                 "tasks": ["xsum", "babi"]},
-    "lora_vs_icl": {"k": [0, 1, 4]},
+    "xsum_ft": {"k": [1, 8, 64], "modes": ["lora16", "last"], "steps": (8, 1.0)},
+    # bAbI ICL at k = 4 again under bf16 autocast, against its fp32 run above; training in bf16 was
+    # 1.5-2.0x slower per step on this CPU (README), so it is not rerun here (the course preset does)
+    "bf16": {"icl": ("babi", "qa", 4)},
 }
-CPU = {**FULL, "amazon_ft": {"k": [1, 8, 128], "max_steps": 100},
-       "ft_modes": {**FULL["ft_modes"], "k": [0, 1, 8]}}
-QUICK = {
-    "amazon_ft": {"k": [1, 8, 128]},
-    "babi_icl": {"k": [0, 1, 16], "prompts": ["qa"]},
-    "xsum_icl": {"k": [0, 1], "prompts": ["none", "tldr", "custom"]},
-    "ft_modes": {"k": [0, 8], "modes": ["last", "lora4"], "tasks": ["babi"]},
-    "lora_vs_icl": {"k": [0, 1]},
+COURSE = {**CPU, "bf16": {"icl": ("babi", "qa", 4), "ft": ("babi", "lora16", 8)},
+          "babi_ft": {**CPU["babi_ft"], "k": [1, 8, 64, 128], "steps": (100, 1.0)},
+          "amazon_ft": {**CPU["amazon_ft"], "steps": (600, 1.0)},
+          "xsum_ft": {**CPU["xsum_ft"], "steps": (100, 1.0)}}
+SMOKE = {
+    "amazon_ft": {"k": [1, 8], "modes": ["all", "lora4"], "steps": (20, 1.0)},
+    "amazon_icl": {"k": [0, 1], "prompts": ["qa"]},
+    "babi_icl": {"k": [0, 1, 4], "prompts": ["qa"]},
+    "babi_order": {"k": 4, "orderings": 2},
+    "babi_ft": {"k": [8], "modes": ["last", "lora4"], "steps": (10, 1.0)},
+    "xsum_icl": {"k": [0, 1], "prompts": ["tldr", "custom"]},
+    "xsum_ft": {"k": [1], "modes": ["lora16"], "steps": (5, 1.0)},
+    "bf16": {"icl": ("babi", "qa", 1), "ft": ("babi", "lora4", 8)},
 }
-PRESETS = {  # grid, models, evaluation sizes, repeats (seeds 0, 1, ...), fine-tuning step limit
-    "smoke": {"grid": QUICK, "encoder": "minilm", "lm": "smollm2", "n_eval": 10, "n_eval_amazon": 50, "repeats": 1,
-              "max_steps": 20},
-    "cpu": {"grid": CPU, "encoder": "minilm", "lm": "smollm2", "n_eval": 30, "n_eval_amazon": 50, "repeats": 2,
-            "max_steps": 50},
-    "course": {"grid": FULL, "encoder": "bert-med", "lm": "full", "n_eval": 125, "n_eval_amazon": 250, "repeats": 3,
-               "max_steps": 100},
+PRESETS = {  # grid, models, evaluation examples per task, repeats (seeds 0, 1, ...)
+    "smoke": {"grid": SMOKE, "encoder": "minilm", "lm": "smollm2", "n_eval": {"amazon": 50, "babi": 20, "xsum": 10},
+              "repeats": 1},
+    # evaluation sizes: the binomial standard error of one accuracy / exact match is <= 0.032 at 250
+    # reviews and <= 0.035 at 200 questions (<= 0.03 once the score is below 0.3 or above 0.7)
+    "cpu": {"grid": CPU, "encoder": "minilm", "lm": "smollm2", "n_eval": {"amazon": 250, "babi": 200, "xsum": 100},
+            "repeats": 3},
+    "course": {"grid": COURSE, "encoder": "bert-med", "lm": "full",
+               "n_eval": {"amazon": 250, "babi": 250, "xsum": 125}, "repeats": 3},
 }
 FT, ICL = "hw3_lm_fewshot.ft", "hw3_lm_fewshot.icl"
 
 
-def ks(values: list[int]) -> str:
-    return ",".join(map(str, values))
-
-
-def ft_config(sizes: dict, task: str, mode: str, k: list[int], prompt: str | None = None,
-              max_steps: int | None = None, pretrained: bool = False) -> Config:
+def ft_config(sizes: dict, part: str, task: str, mode: str, k: int, steps: tuple[int, float],
+              precision: str | None = None) -> Config:
     model = sizes["encoder"] if task == "amazon" else sizes["lm"]
-    n_eval = sizes["n_eval_amazon"] if task == "amazon" else sizes["n_eval"]
-    repeats = 1 if pretrained else sizes["repeats"]  # the pre-trained model's greedy answers ignore the seed
-    argv = ["--model", model, "--dataset", task, "--mode", mode, "--k", ks(k), "--n_eval", str(n_eval),
-            "--repeats", str(repeats), "--max_steps", str(max_steps or sizes["max_steps"])]
-    argv += ["--prompt", prompt] if prompt else []
-    name = f"ft_{model}_{task}_{mode}" + (f"_{prompt}" if prompt else "") + f"_k{'-'.join(map(str, k))}"
-    return Config(name, FT, argv, tags={"task": task, "pretrained": pretrained})
+    argv = ["--model", model, "--dataset", task, "--mode", mode, "--k", str(k), "--n_eval", str(sizes["n_eval"][task]),
+            "--repeats", str(sizes["repeats"]), "--max_steps", str(steps[0]), "--early_stop_acc", str(steps[1])]
+    argv += ["--precision", precision] if precision else []
+    name = f"{part}_{model}_{mode}_k{k}" + (f"_{precision}" if precision else "")
+    return Config(name, FT, argv, tags={"task": task, "part": part})
 
 
-def icl_config(sizes: dict, task: str, prompt: str, k: list[int]) -> Config:
-    argv = ["--model", sizes["lm"], "--dataset", task, "--prompt", prompt, "--k", ks(k),
-            "--n_eval", str(sizes["n_eval"]), "--repeats", str(sizes["repeats"])]
-    return Config(f"icl_{sizes['lm']}_{task}_{prompt}_k{'-'.join(map(str, k))}", ICL, argv, tags={"task": task})
+def icl_config(sizes: dict, part: str, task: str, prompt: str, k: int, orderings: int = 1,
+               precision: str | None = None) -> Config:
+    repeats = 1 if k == 0 else sizes["repeats"]  # no support: greedy answers do not depend on the seed
+    argv = ["--model", sizes["lm"], "--dataset", task, "--prompt", prompt, "--k", str(k), "--support", "fixed",
+            "--n_eval", str(sizes["n_eval"][task]), "--repeats", str(repeats), "--orderings", str(orderings)]
+    argv += ["--precision", precision] if precision else []
+    name = f"{part}_{sizes['lm']}_{prompt}_k{k}" + (f"_{precision}" if precision else "")
+    return Config(name, ICL, argv, tags={"task": task, "part": part})
 
 
 def part_configs(part: str, sizes: dict) -> list[Config]:
     grid = sizes["grid"][part]
-    if part == "amazon_ft":
-        return [ft_config(sizes, "amazon", "all", grid["k"], max_steps=grid.get("max_steps"))]
-    if part in ("babi_icl", "xsum_icl"):
-        return [icl_config(sizes, part.split("_")[0], prompt, grid["k"]) for prompt in grid["prompts"]]
-    if part == "ft_modes":
-        configs = []
-        for task in grid["tasks"]:
-            if 0 in grid["k"]:  # nothing is trained at k = 0: the pre-trained model, once
-                configs.append(ft_config(sizes, task, grid["modes"][0], [0], pretrained=True))
-            trained = [k for k in grid["k"] if k > 0]
-            configs += [ft_config(sizes, task, mode, trained) for mode in grid["modes"]] if trained else []
-        return configs
-    return [icl_config(sizes, "xsum", "tldr", grid["k"]), ft_config(sizes, "xsum", "lora16", grid["k"], "tldr")]
+    task = part.split("_")[0]
+    if part.endswith("_ft"):
+        return [ft_config(sizes, part, task, mode, k, grid["steps"]) for mode in grid["modes"] for k in grid["k"]]
+    if part.endswith("_icl"):
+        return [icl_config(sizes, part, task, prompt, k) for prompt in grid["prompts"] for k in grid["k"]]
+    if part == "babi_order":
+        return [icl_config(sizes, part, "babi", "qa", grid["k"], orderings=grid["orderings"])]
+    (icl_task, prompt, icl_k) = grid["icl"]
+    configs = [icl_config(sizes, part, icl_task, prompt, icl_k, precision="bf16")]
+    if "ft" in grid:
+        ft_task, mode, ft_k = grid["ft"]
+        configs.append(ft_config(sizes, part, ft_task, mode, ft_k, sizes["grid"][f"{ft_task}_ft"]["steps"], "bf16"))
+    return configs
 
 
 def part_results(frame: pd.DataFrame, part: str, configs: list[Config]) -> list[dict]:
@@ -112,31 +131,107 @@ def part_results(frame: pd.DataFrame, part: str, configs: list[Config]) -> list[
     results = []
     for config in configs:
         for result in lookup(frame, config.name, "runs", []):
-            result = {**result, "part": part, "task": config.tags["task"]}
-            if config.tags.get("pretrained"):
-                result.update(mode="pre-trained", trainable_params=0)
-            results.append(result)
+            results.append({**result, "part": part, "task": config.tags["task"]})
     return results
 
 
-def plot_part(part: str, results: list[dict], out: Path) -> None:
-    """Score against k, one line per method/variant (and task), error bars = std over repeats."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for task in sorted({r["task"] for r in results}):
-        rows = summarize([r for r in results if r["task"] == task])
+def method_label(row: dict) -> str:
+    """"ft lora16", "icl tldr": a summary row's or a run's method and its mode / prompt."""
+    return f"{row['method']} {row.get('variant') or row.get('mode') or row.get('prompt')}"
+
+
+def per_task_figure(by_task: dict[str, list[dict]], draw, xlabel: str, linthresh: float, out: Path) -> None:
+    """One panel per task (``draw(ax, task, results)`` plots it) with a symlog x axis; saved to ``out``."""
+    fig, axes = plt.subplots(1, len(by_task), figsize=(5.2 * len(by_task), 4.2), squeeze=False)
+    for ax, (task, results) in zip(axes[0], by_task.items()):
+        draw(ax, task, results)
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.set_xlim(left=-0.3 * linthresh)  # x >= 0; a chance line would otherwise stretch the axis
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(TASK_METRIC[task])
+        ax.set_title(task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_score_vs_k(by_task: dict[str, list[dict]], out: Path) -> None:
+    """Per task: score against k, one line per ICL prompt / fine-tuning mode, error bars = std over seeds."""
+    def draw(ax, task: str, results: list[dict]) -> None:
+        rows = summarize(results)
         for method, variant in sorted({(r["method"], r["variant"]) for r in rows}):
             line = sorted((r for r in rows if (r["method"], r["variant"]) == (method, variant)), key=lambda r: r["k"])
-            label = f"{task} {method} {variant}" if part == "ft_modes" else f"{method} {variant}"
             ax.errorbar([r["k"] for r in line], [r["mean"] for r in line], yerr=[r["std"] for r in line], marker="o",
-                        capsize=3, label=label)
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("k (support examples; amazon: per class)")
-    ax.set_ylabel(" / ".join(sorted({TASK_METRIC[r["task"]] for r in results})))
-    ax.set_title(part)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / f"{part}.png", dpi=120)
-    plt.close(fig)
+                        capsize=3, linestyle="--" if method == "icl" else "-", label=f"{method} {variant}")
+        if task == "amazon":
+            ax.axhline(1 / 5, color="grey", linewidth=0.8, linestyle=":", label="chance")
+
+    per_task_figure(by_task, draw, "k (support examples; amazon: per class)", 1, out / "score_vs_k.png")
+
+
+def largest_k_rows(results: list[dict]) -> list[dict]:
+    """Each method's summary row at the largest k it ran."""
+    rows = summarize(results)
+    best: dict[str, dict] = {}
+    for r in rows:
+        if method_label(r) not in best or r["k"] > best[method_label(r)]["k"]:
+            best[method_label(r)] = r
+    return sorted(best.values(), key=lambda r: r["trainable_params"] or 0)
+
+
+def plot_score_vs_params(by_task: dict[str, list[dict]], out: Path) -> None:
+    """Per task: each method at its largest k, score against trainable parameters (ICL trains none)."""
+    def draw(ax, task: str, results: list[dict]) -> None:
+        for r in largest_k_rows(results):
+            ax.errorbar([r["trainable_params"] or 0], [r["mean"]], yerr=[r["std"]], marker="o", capsize=3,
+                        linestyle="none", label=f"{method_label(r)} (k={r['k']})")
+
+    per_task_figure(by_task, draw, "trainable parameters (0 = in-context learning)", 1e4,
+                    out / "score_vs_params.png")
+
+
+def cost_table(by_task: dict[str, list[dict]], write) -> None:
+    """Per task and method: trainable parameters, seconds per run, tokens/s, peak memory."""
+    write("| task | method | trainable params | s/run (mean over k, seeds) | s/run at largest k | tokens/s "
+          "| peak RSS MB |")
+    write("|---|---|---:|---:|---:|---:|---:|")
+    for task, results in by_task.items():
+        for label in sorted({method_label(r) for r in results}):
+            runs = [r for r in results if method_label(r) == label]
+            top = max(r["k"] for r in runs)
+            speed = [r.get("train_tokens_per_s") if r["method"] == "ft" else r.get("tokens_per_s") for r in runs]
+            speed = [v for v in speed if v]  # fine-tuning at k = 0 trains nothing
+            memory = [r["peak_memory_mb"] for r in runs if r.get("peak_memory_mb")]
+            speed_text = f"{np.mean(speed):.0f}" if speed else "-"
+            memory_text = f"{max(memory):.0f}" if memory else "-"
+            write(f"| {task} | {label} | {runs[0].get('trainable_params') or 0:,} "
+                  f"| {np.mean([r['seconds'] for r in runs]):.0f} "
+                  f"| {np.mean([r['seconds'] for r in runs if r['k'] == top]):.0f} (k={top}) "
+                  f"| {speed_text} | {memory_text} |")
+
+
+def order_table(results: list[dict], write) -> None:
+    """Prompt-order sensitivity: per support set (seed), the spread of the score over its orderings
+    (sample std, as in the other tables)."""
+    write("| support set (seed) | orderings | mean ± std over orderings | min | max |")
+    write("|---:|---:|---:|---:|---:|")
+    for seed in sorted({r["seed"] for r in results}):
+        scores = [r["score"] for r in results if r["seed"] == seed]
+        write(f"| {seed} | {len(scores)} | {np.mean(scores):.3f} ± {np.std(scores, ddof=1):.3f} | {min(scores):.3f} "
+              f"| {max(scores):.3f} |")
+
+
+def bf16_table(bf16: list[dict], fp32: list[dict], write) -> None:
+    """Each bf16 setting against the same setting's fp32 runs (same task, seeds and evaluation set)."""
+    write("| setting | fp32 score | bf16 score | fp32 s/run | bf16 s/run |")
+    write("|---|---:|---:|---:|---:|")
+    for label, k in sorted({(method_label(r), r["k"]) for r in bf16}):
+        pair = [summarize([r for r in runs if method_label(r) == label and r["k"] == k]) for runs in (fp32, bf16)]
+        if all(pair):
+            (a,), (b,) = pair
+            write(f"| {label} k={k} | {a['mean']:.3f} ± {a['std']:.3f} | {b['mean']:.3f} ± {b['std']:.3f} "
+                  f"| {a['seconds']:.0f} | {b['seconds']:.0f} |")
 
 
 def report_for(parts: list[str], sizes: dict):
@@ -147,12 +242,21 @@ def report_for(parts: list[str], sizes: dict):
             lines.append(f"### {part} ({sum(r['seconds'] for r in results):.0f} s of runs)\n")
             if not results:
                 lines.append("not finished\n")
-                continue
-            for task in sorted({r["task"] for r in results}):
-                lines.append(f"{task}:\n")
-                print_table(summarize([r for r in results if r["task"] == task]), TASK_METRIC[task], lines.append)
-                lines.append("")
-            plot_part(part, results, out)
+            elif part == "babi_order":
+                order_table(results, lines.append)
+            elif part == "bf16":  # its settings are bAbI runs of babi_icl / babi_ft in fp32
+                bf16_table(results, everything.get("babi_icl", []) + everything.get("babi_ft", []), lines.append)
+            else:
+                print_table(summarize(results), TASK_METRIC[results[0]["task"]], lines.append)
+            lines.append("")
+        by_task = {task: [r for part, rs in everything.items() if part.startswith(task) and part != "babi_order"
+                          for r in rs] for task in ("amazon", "babi", "xsum")}
+        by_task = {task: rs for task, rs in by_task.items() if rs}
+        if by_task:
+            lines.append("### cost\n")
+            cost_table(by_task, lines.append)
+            plot_score_vs_k(by_task, out)
+            plot_score_vs_params(by_task, out)
         write_json(out / "results.json", {"sizes": {k: v for k, v in sizes.items() if k != "grid"},
                                           "grid": {p: sizes["grid"][p] for p in parts}, "results": everything})
         return "\n".join(lines)

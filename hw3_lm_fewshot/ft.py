@@ -43,6 +43,7 @@ from common import distributed
 from common.cli import learning_rate, non_negative_int, positive_int, unit_interval
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
+from common.memory import peak_memory_mb, reset_peak_memory
 from common.run import RunFolder
 from common.runlog import RunLogger, build_run_name
 from common.seeding import seed_everything
@@ -56,7 +57,7 @@ from hw3_lm_fewshot.cli import (
     run_dir_for,
 )
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
-from hw3_lm_fewshot.generation import generate_greedy, truncate_left
+from hw3_lm_fewshot.generation import encode_prompt, generate_batch, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import ModelSpec, count_parameters, resolve_model, transformer_blocks
 from hw3_lm_fewshot.prompts import DEFAULT_PROMPT, MAX_NEW_TOKENS, PROMPTS, answer_text, build_prompt
@@ -210,6 +211,7 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
     start = time.time()
     world = world or distributed.World(device=resolve_device(args.device))
     device = world.device
+    reset_peak_memory(device)
     precision, _ = resolve_precision(args.precision, device, fp32_because=FP32_BECAUSE)  # main prints why
     classifier = task.name == "amazon"
     support = sample_support(task, k, seed)
@@ -224,7 +226,7 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
             return classification_batch(tokenizer, examples, args.max_length, device)
         return lm_batch(tokenizer, task.name, prompt, examples, args.max_length, device)
 
-    steps, train_acc = 0, float("nan")
+    steps, train_acc, train_tokens, train_start = 0, float("nan"), 0, time.time()
     if support:  # k = 0: the pre-trained model as it is
         lr = args.lr or (1e-3 if mode.startswith("lora") else 1e-4)
         trainable_params = [p for p in model.parameters() if p.requires_grad]
@@ -238,8 +240,10 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
                 order += rng.permutation(len(support)).tolist()
             batch_ids, order = order[:args.batch_size], order[args.batch_size:]
             my_ids = batch_ids[distributed.shard(0, args.batch_size, world)]  # all of them for one process
+            batch = make_batch([support[i] for i in my_ids])
+            train_tokens += int(batch["attention_mask"].sum())  # this rank's share, padding excluded
             with autocast(device, precision):
-                loss = batch_loss(model, make_batch([support[i] for i in my_ids]), classifier, world)
+                loss = batch_loss(model, batch, classifier, world)
             loss_value = distributed.mean_over_ranks({"loss": loss}, world)["loss"]  # the whole batch's loss
             check_finite_loss(loss_value, steps, k, mode, seed, lr, world)  # before the update it would poison
             loss.backward()
@@ -254,6 +258,7 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
                 if steps >= args.min_steps and train_acc >= args.early_stop_acc:
                     break
 
+    train_seconds = time.time() - train_start  # the loop only, without loading the model
     model.eval()
     references = [ex.y for ex in task.eval]
     my_eval = task.eval[eval_share(len(task.eval), world)]
@@ -264,13 +269,20 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
                 batch = make_batch(my_eval[i:i + args.batch_size])
                 predictions += model(**batch).logits.argmax(-1).tolist()
         else:
-            predictions = [generate_greedy(model, tokenizer, build_prompt(task.name, prompt, [], ex.x),
-                                           MAX_NEW_TOKENS[task.name], args.max_context) for ex in my_eval]
+            queries = [encode_prompt(tokenizer, model, build_prompt(task.name, prompt, [], ex.x),
+                                     MAX_NEW_TOKENS[task.name], args.max_context) for ex in my_eval]
+            predictions = []
+            for i in range(0, len(queries), args.batch_size):
+                predictions += generate_batch(model, tokenizer, queries[i:i + args.batch_size],
+                                              MAX_NEW_TOKENS[task.name])
     predictions = distributed.gather_lists(predictions, world)  # rank order is evaluation-set order
     return {
         "method": "ft", "mode": mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
         "score": score(task.name, predictions, references), "trainable_params": trainable, "total_params": total,
         "steps": steps, "support_acc": train_acc, "seconds": time.time() - start,
+        "train_seconds": train_seconds,
+        "train_tokens_per_s": train_tokens * world.world_size / max(train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(device),
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -82,3 +83,67 @@ def greedy_no_cache(model, input_ids: torch.Tensor, max_new_tokens: int) -> torc
         next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # [1, 1]
         input_ids = torch.cat([input_ids, next_token], dim=1)
     return input_ids
+
+
+# ---------------------------------------------------------------------------- batched, with a shared prefix
+# The plain loop above reads the whole prompt for every query. When every query of an evaluation
+# shares its first tokens (the same support examples, in the same order), those are read once into
+# a KV cache and paid once instead of once per query; queries then go through the model in
+# left-padded batches, which share each read of the weights while decoding (bench.py --batched
+# measures both: the prefix is what pays on a CPU).
+def prefix_cache(model, prefix_ids: list[int]):
+    """The KV cache of ``prefix_ids`` (None for an empty prefix)."""
+    if not prefix_ids:
+        return None
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1).cache
+
+
+def _padded(prefix_ids: list[int], queries: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """[prefix][pads][query] rows: input ids [B, P + L] and the attention mask that hides the pads."""
+    width = max(len(q) for q in queries)
+    rows = [prefix_ids + [pad_id] * (width - len(q)) + q for q in queries]
+    mask = [[1] * len(prefix_ids) + [0] * (width - len(q)) + [1] * len(q) for q in queries]
+    return torch.tensor(rows, device=device), torch.tensor(mask, device=device)  # [B, P + L] each
+
+
+def _batch_cache(cache, size: int):
+    """A copy of the prefix cache for ``size`` rows (generation appends to the cache it is given)."""
+    if cache is None:
+        return None
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(size)
+    return cache
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, queries: list[list[int]], max_new_tokens: int, prefix_ids: list[int] = (),
+                   cache=None) -> list[str]:
+    """Greedy first sentences for a batch of query token ids that all follow ``prefix_ids``
+    (``cache`` = :func:`prefix_cache` of it, or None to read the prefix with the batch)."""
+    prefix_ids = list(prefix_ids)
+    device = next(model.parameters()).device
+    input_ids, mask = _padded(prefix_ids, queries, tokenizer.pad_token_id, device)
+    prompt_length = input_ids.shape[1]
+    output = model.generate(
+        input_ids=input_ids, attention_mask=mask, cache=_batch_cache(cache, len(queries)),
+        max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=StoppingCriteriaList([SentenceEnd(tokenizer, prompt_length)]),
+        temperature=None, top_p=None, top_k=None,
+    )  # [B, P + L + new]
+    return [first_sentence(tokenizer.decode(row[prompt_length:], skip_special_tokens=True)) for row in output]
+
+
+@torch.inference_mode()
+def next_token_logits(model, tokenizer, queries: list[list[int]], prefix_ids: list[int] = (),
+                      cache=None) -> torch.Tensor:
+    """Logits of the token after each query (which follows ``prefix_ids``): [B, V]."""
+    prefix_ids = list(prefix_ids)
+    device = next(model.parameters()).device
+    input_ids, mask = _padded(prefix_ids, queries, tokenizer.pad_token_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # the pads do not move the queries' positions
+    start = len(prefix_ids) if cache is not None else 0  # the cached tokens are not read again
+    logits = model(input_ids=input_ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
+                   cache=_batch_cache(cache, len(queries)), use_cache=cache is not None, logits_to_keep=1).logits
+    return logits[:, -1].float()  # [B, V]

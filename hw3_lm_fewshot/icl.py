@@ -1,12 +1,18 @@
-"""In-context learning: k solved examples in the prompt, then greedy generation for the query.
+"""In-context learning: k solved examples in the prompt, then the model's answer for the query.
 
     python hw3_lm_fewshot/icl.py --model smollm2 --dataset babi --k 0,1,4 --prompt qa
     python hw3_lm_fewshot/icl.py --model smollm2 --dataset xsum --k 0,1,4 --prompt tldr,custom
+    python hw3_lm_fewshot/icl.py --dataset amazon --k 0,1,4 --support fixed --orderings 5
 
-Support examples are drawn from the pool with the seed (a new draw per evaluation example, as in
-the course). Decoding is greedy with the KV cache and stops at the end of the first sentence or
-after the task's token limit (bAbI 6, XSum 30). A prompt longer than the model's context (or
-``--max_context``) loses tokens on the left, with a warning. See prompts.py for the formats.
+Support examples are drawn from the pool with the seed: a new draw per evaluation example (the
+course's protocol, ``--support per_query``), or one set per seed shared by every query
+(``--support fixed``: read once into a KV cache, then each query costs only its own tokens;
+``--orderings N`` scores N orderings of it). xsum / babi: greedy decoding with the KV cache, in
+left-padded batches, stopping at the end of the first sentence or after the task's token limit
+(bAbI 6, XSum 30). amazon: the most likely label of " 1" .. " 5" after "Stars:" (one forward pass,
+nothing generated). A per-query prompt longer than the model's context (or ``--max_context``) loses
+tokens on the left, with a warning; a fixed prefix that does not fit stops with an error. See
+prompts.py for the formats.
 Nothing is trained, so nothing is checkpointed: results.json is written at the end (Ctrl-C saves
 nothing). Output: ``runs/hw3_lm_fewshot/<run name>/`` (or ``--log_dir``).
 """
@@ -17,14 +23,14 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 
 # isort: split
 import argparse
-import random
 import time
-import warnings
 
 import torch
 
+from common.cli import positive_int
 from common.device import autocast, setup_compute
-from common.errors import cli_main
+from common.errors import CS330Error, cli_main
+from common.memory import peak_memory_mb, reset_peak_memory
 from common.run import RunFolder
 from common.runlog import build_run_name
 from common.seeding import seed_everything
@@ -37,43 +43,66 @@ from hw3_lm_fewshot.cli import (
     parse_k_list,
     run_dir_for,
 )
-from hw3_lm_fewshot.data import TaskData, load_task, sample_support
-from hw3_lm_fewshot.generation import PromptTruncatedWarning, generate_greedy
+from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, TaskData, load_task, sample_support
+from hw3_lm_fewshot.generation import generate_batch, next_token_logits, prefix_cache
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import resolve_model
-from hw3_lm_fewshot.prompts import MAX_NEW_TOKENS, PROMPTS, build_prompt, check_generation_task, check_prompt
+from hw3_lm_fewshot.prompts import (
+    MAX_NEW_TOKENS,
+    PROMPTS,
+    check_icl_task,
+    check_prompt,
+    encode_queries,
+    label_candidates,
+)
 
 
 def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, max_context: int | None = None,
-            precision: str = "fp32") -> dict:
-    """Score the model on the evaluation set with k in-context examples per query (bf16 autocast
-    when ``precision`` is "bf16")."""
+            precision: str = "fp32", fixed_support: bool = False, ordering: int = 0, batch_size: int = 8) -> dict:
+    """Score the model on the evaluation set with k in-context examples per query.
+
+    ``fixed_support``: one support set per seed (in its ``ordering``), read once into a KV cache and
+    shared by every query; else a fresh draw per query (the course's protocol). Amazon's label is the
+    most likely of " 1" .. " 5"; xsum and babi answers are greedy first sentences. bf16 autocast when
+    ``precision`` is "bf16".
+    """
     start = time.time()
     device = next(model.parameters()).device
+    reset_peak_memory(device)
     check_prompt(prompt)
     sample_support(task, k, seed)  # a clear error now if k does not fit the pool
-    rng = random.Random(seed)
-    predictions, truncated = [], 0
-    for ex in task.eval:
-        support = sample_support(task, k, rng.randrange(2**31))
-        text = build_prompt(task.name, prompt, support, ex.x)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PromptTruncatedWarning)
-            with autocast(device, precision):
-                predictions.append(generate_greedy(model, tokenizer, text, MAX_NEW_TOKENS[task.name], max_context))
-        for warning in caught:  # count, and pass the warning on so it is never silent
-            truncated += 1
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    prefix_ids, queries, truncated = encode_queries(tokenizer, model, task, k, prompt, seed, fixed_support,
+                                                    ordering, max_context)
+    predictions: list = []
+    with autocast(device, precision):
+        cache = prefix_cache(model, prefix_ids)
+        if task.name == "amazon":
+            shared, candidates = label_candidates(tokenizer, task.name)
+            queries = [q + shared for q in queries]
+        for i in range(0, len(queries), batch_size):
+            batch = queries[i:i + batch_size]
+            if task.name == "amazon":
+                logits = next_token_logits(model, tokenizer, batch, prefix_ids, cache)  # [B, V]
+                predictions += logits[:, candidates].argmax(-1).tolist()
+            else:
+                predictions += generate_batch(model, tokenizer, batch, MAX_NEW_TOKENS[task.name], prefix_ids, cache)
     references = [ex.y for ex in task.eval]
     seconds = time.time() - start
-    # the answers re-tokenized (the stop token and stripped spaces are not counted); the time includes prefill
-    generated = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions)
-    return {
-        "method": "icl", "prompt": prompt, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
-        "score": score(task.name, predictions, references), "truncated_prompts": truncated,
-        "seconds": seconds, "generated_tokens": generated, "tokens_per_s": generated / max(seconds, 1e-9),
+    read = len(prefix_ids) + sum(len(q) for q in queries)  # prompt tokens the model read
+    # the answers re-tokenized (the stop token and stripped spaces are not counted)
+    generated = 0 if task.name == "amazon" else sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                                                    for p in predictions)
+    result = {
+        "method": "icl", "prompt": prompt, "k": k, "seed": seed, "ordering": ordering,
+        "support": "fixed" if fixed_support else "per_query", "metric": TASK_METRIC[task.name],
+        "score": score(task.name, predictions, references), "truncated_prompts": truncated, "seconds": seconds,
+        "prompt_tokens": read, "generated_tokens": generated, "tokens_per_s": (read + generated) / max(seconds, 1e-9),
+        "trainable_params": 0, "peak_memory_mb": peak_memory_mb(device),
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
     }
+    if task.name == "amazon":  # how often each label was chosen: shows a label bias at a glance
+        result["predicted_label_counts"] = [predictions.count(c) for c in range(NUM_AMAZON_CLASSES)]
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,7 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=parse_k_list, default=[0, 1, 4],
                         help="in-context examples per query, comma-separated (default: 0,1,4)")
     parser.add_argument("--prompt", default="qa",
-                        help=f"prompt formats, comma-separated, from {', '.join(PROMPTS)} (default: qa)")
+                        help=f"prompt formats, comma-separated, from {', '.join(PROMPTS)} (default: qa; "
+                             "amazon has only qa)")
+    parser.add_argument("--support", default="per_query", choices=("per_query", "fixed"),
+                        help="per_query: a fresh support draw for every question (the course); fixed: one "
+                             "support set per seed, shared by every question and read once (KV cache), "
+                             "as fine-tuning trains on one support set per seed (default: per_query)")
+    parser.add_argument("--orderings", type=positive_int, default=1,
+                        help="with --support fixed: also score N-1 seeded permutations of each support set "
+                             "(prompt-order sensitivity) (default: 1)")
+    parser.add_argument("--batch_size", type=positive_int, default=8,
+                        help="queries per forward pass (left-padded; greedy answers as one at a time) (default: 8)")
     return parser
 
 
@@ -92,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     prompts = [check_prompt(p.strip()) for p in args.prompt.split(",")]
-    check_generation_task(args.dataset)
+    for prompt in prompts:
+        check_icl_task(args.dataset, prompt)
+    if args.orderings > 1 and args.support != "fixed":
+        raise CS330Error("--orderings permutes a fixed support set: add --support fixed")
     device, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
     # everything that can fail before the evaluation fails here, before a run folder exists
     spec = resolve_model(args.model or "smollm2")
@@ -103,18 +145,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, tokenizer = load_model(spec, classifier=False)
     model.to(device).eval()
     run_name = build_run_name("icl", {"model": spec.name, "data": args.dataset, "prompt": "-".join(prompts),
-                                      "k": "-".join(map(str, args.k)), "prec": args.precision, "seed": args.seed})
+                                      "k": "-".join(map(str, args.k)), "support": args.support, "prec": args.precision,
+                                      "seed": args.seed})
     run_dir = run_dir_for(args, run_name)
     results = []
-    total = len(args.k) * len(prompts) * args.repeats
+    total = len(args.k) * len(prompts) * args.repeats * args.orderings
     with RunFolder.open(run_dir, vars(args)) as run, run.logger(total_steps=total, desc="icl") as logger, \
             torch.inference_mode():
         for prompt in prompts:
             for k in args.k:
                 for repeat in range(args.repeats):
-                    results.append(run_icl(model, tokenizer, task, k, prompt, args.seed + repeat, args.max_context,
-                                           args.precision))
-                    logger.advance(len(results), score=results[-1]["score"])
+                    for ordering in range(args.orderings):
+                        results.append(run_icl(model, tokenizer, task, k, prompt, args.seed + repeat,
+                                               args.max_context, args.precision, fixed_support=args.support == "fixed",
+                                               ordering=ordering, batch_size=args.batch_size))
+                        logger.advance(len(results), score=results[-1]["score"])
         return finish_runs(logger, results, task, run_dir)
 
 

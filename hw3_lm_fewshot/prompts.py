@@ -6,29 +6,36 @@ joined by blank lines and the query comes last, ending where the answer should b
 - ``none``:   ``{x} {y}``                      (the bare input, the model continues it)
 - ``tldr``:   ``{x} TL;DR: {y}``               (the course's summarization cue)
 - ``qa``:     bAbI ``{x} In the {y}.``         (the course's cue: qa1 answers are places);
-              XSum ``{x}\\nQ: What is this article about?\\nA: {y}``
-- ``custom``: an instruction line, then ``Input: {x}\\nOutput: {y}`` per example; the instruction
-              is "Summarize each article in one sentence." (xsum) or "Answer each question with
-              one word, the place." (babi). It names the task, so it helps at k = 0, and marks
-              where each input ends, which the bare formats leave to the model to guess.
+              XSum ``{x}\\nQ: What is this article about?\\nA: {y}``;
+              amazon ``Review: {x}\\nStars: {stars}`` (scored by the likelihood of " 1" .. " 5")
+- ``custom``: XSum ``Article: {x}\\n\\nOne-sentence summary: {y}``: it names the article and what
+              follows it as a one-sentence summary right where the answer begins. Our first design
+              (an instruction line, then ``Input: {x}\\nOutput: {y}``) made SmolLM2 end the text at
+              once at k = 0 (ROUGE-1 0.06, mostly empty answers): "Output:" says nothing about what
+              comes next. bAbI: the instruction "Answer each question with one word, the place.",
+              then ``Input: {x}\\nOutput: {y}`` per example (it works there: the answer is one word).
+A prompt is :func:`prompt_prefix` (the support examples) followed by :func:`prompt_query`, so the
+evaluation can read a prefix shared by every query once (generation.prefix_cache).
 """
 
 from __future__ import annotations
 
+import random
+import warnings
 from collections.abc import Sequence
 
 from common.errors import CS330Error
-from hw3_lm_fewshot.data import Example
+from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, sample_support
+from hw3_lm_fewshot.generation import PromptTruncatedWarning, encode_prompt
+from hw3_lm_fewshot.models import context_length
 
 PROMPTS = ("qa", "none", "tldr", "custom")
 GENERATION_TASKS = ("xsum", "babi")
+ICL_TASKS = ("amazon", *GENERATION_TASKS)  # amazon: the label is scored, not generated
 DEFAULT_PROMPT = {"xsum": "tldr", "babi": "qa"}
 MAX_NEW_TOKENS = {"xsum": 30, "babi": 6}  # the course's per-task generation limits
 EXAMPLE_SEPARATOR = "\n\n"
-CUSTOM_INSTRUCTION = {
-    "xsum": "Summarize each article in one sentence.",
-    "babi": "Answer each question with one word, the place.",
-}
+CUSTOM_INSTRUCTION = {"babi": "Answer each question with one word, the place."}
 
 
 def check_prompt(prompt: str) -> str:
@@ -37,40 +44,104 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
-def check_generation_task(task: str) -> str:
-    if task not in GENERATION_TASKS:
-        raise CS330Error(f"dataset {task!r} is not a text-generation task; in-context learning and causal-LM "
-                         f"fine-tuning support: {', '.join(GENERATION_TASKS)}")
+def check_icl_task(task: str, prompt: str) -> str:
+    if task not in ICL_TASKS:
+        raise CS330Error(f"dataset {task!r} has no in-context format; choose from: {', '.join(ICL_TASKS)}")
+    if task == "amazon" and prompt != "qa":
+        raise CS330Error(f"amazon in-context learning has one format, qa ('Review: ...\\nStars: 4'); got {prompt!r}")
     return task
 
 
 def query_text(task: str, prompt: str, x: str) -> str:
     """The prompt part of one example: everything before the answer."""
     check_prompt(prompt)
+    if task == "amazon":
+        return f"Review: {x}\nStars:"
     if prompt == "none":
         return x
     if prompt == "tldr":
         return f"{x} TL;DR:"
     if prompt == "qa":
         return f"{x} In the" if task == "babi" else f"{x}\nQ: What is this article about?\nA:"
+    if task == "xsum":
+        return f"Article: {x}\n\nOne-sentence summary:"
     return f"Input: {x}\nOutput:"
 
 
 def answer_text(task: str, y: str) -> str:
     """The answer as it follows the prompt part: a leading space, and bAbI answers end a sentence."""
+    if task == "amazon":
+        return f" {int(y) + 1}"  # labels are stars - 1
     y = str(y).strip()
     if task == "babi" and not y.endswith("."):
         y += "."
     return f" {y}"
 
 
+def prompt_prefix(task: str, prompt: str, support: Sequence[Example]) -> str:
+    """Everything before the query: the instruction (``custom`` on bAbI) and the solved support examples."""
+    check_prompt(prompt)
+    parts = [query_text(task, prompt, ex.x) + answer_text(task, ex.y) for ex in support]
+    instruction = [CUSTOM_INSTRUCTION[task]] if prompt == "custom" and task in CUSTOM_INSTRUCTION else []
+    return EXAMPLE_SEPARATOR.join(instruction + parts)
+
+
+def prompt_query(task: str, prompt: str, query_x: str, prefix: str) -> str:
+    """The query part, which follows ``prefix`` (separated from it when there is one)."""
+    return (EXAMPLE_SEPARATOR if prefix else "") + query_text(task, prompt, query_x)
+
+
 def build_prompt(task: str, prompt: str, support: Sequence[Example], query_x: str) -> str:
     """Support examples with answers, then the query without its answer."""
-    check_prompt(prompt)
-    check_generation_task(task)
-    parts = [query_text(task, prompt, ex.x) + answer_text(task, str(ex.y)) for ex in support]
-    parts.append(query_text(task, prompt, query_x))
-    body = EXAMPLE_SEPARATOR.join(parts)
-    if prompt == "custom":
-        body = CUSTOM_INSTRUCTION[task] + EXAMPLE_SEPARATOR + body
-    return body
+    check_icl_task(task, prompt)
+    prefix = prompt_prefix(task, prompt, support)
+    return prefix + prompt_query(task, prompt, query_x, prefix)
+
+
+# ---------------------------------------------------------------------------- token ids for an evaluation
+def label_candidates(tokenizer, task: str) -> tuple[list[int], list[int]]:
+    """Amazon's labels " 1" .. " 5" as tokens: the part they share (SmolLM2: the space) and the last
+    token of each. A label is scored by the likelihood of that last token after the shared part."""
+    labels = [tokenizer(answer_text(task, c), add_special_tokens=False)["input_ids"] for c in range(NUM_AMAZON_CLASSES)]
+    shared = labels[0][:-1]
+    if any(ids[:-1] != shared for ids in labels) or len({ids[-1] for ids in labels}) != len(labels):
+        raise CS330Error(f"this tokenizer writes the labels as {labels}: they must differ only in their last "
+                         "token for likelihood scoring")
+    return shared, [ids[-1] for ids in labels]
+
+
+def ordered_support(task: TaskData, k: int, seed: int, ordering: int) -> list[Example]:
+    """The seed's support set; ordering 0 keeps its drawn order, ordering i > 0 is a seeded permutation."""
+    support = sample_support(task, k, seed)
+    if ordering:
+        random.Random(f"{seed}-{ordering}").shuffle(support)
+    return support
+
+
+def encode_queries(tokenizer, model, task: TaskData, k: int, prompt: str, seed: int, fixed_support: bool,
+                   ordering: int, max_context: int | None) -> tuple[list[int], list[list[int]], int]:
+    """Token ids of the shared prefix (empty unless ``fixed_support``) and of each query, and how many
+    prompts lost tokens on the left (per-query supports only; a fixed prefix that does not fit stops)."""
+    max_new = MAX_NEW_TOKENS.get(task.name, 1)
+    if fixed_support:
+        prefix = prompt_prefix(task.name, prompt, ordered_support(task, k, seed, ordering))
+        prefix_ids = tokenizer(prefix)["input_ids"] if prefix else []
+        queries = [tokenizer(prompt_query(task.name, prompt, ex.x, prefix), add_special_tokens=not prefix)["input_ids"]
+                   for ex in task.eval]
+        limit = min(context_length(model), max_context or context_length(model))
+        longest = len(prefix_ids) + max(len(q) for q in queries) + max_new
+        if longest > limit:
+            raise CS330Error(f"k={k} with a fixed support set needs {longest} tokens of context, the limit is "
+                             f"{limit}: lower k, raise --max_context, or use --support per_query (which truncates)")
+        return prefix_ids, queries, 0
+    rng = random.Random(seed)
+    queries, truncated = [], 0
+    for ex in task.eval:
+        text = build_prompt(task.name, prompt, sample_support(task, k, rng.randrange(2**31)), ex.x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            queries.append(encode_prompt(tokenizer, model, text, max_new, max_context))
+        for warning in caught:  # count, and pass the warning on so it is never silent
+            truncated += 1
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return [], queries, truncated

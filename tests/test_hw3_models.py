@@ -17,12 +17,20 @@ import torch
 from torch import nn
 
 from hw3_lm_fewshot import ft
-from hw3_lm_fewshot.data import Example, TaskData, parse_babi
+from hw3_lm_fewshot.cli import FP32_BECAUSE
+from hw3_lm_fewshot.data import Example, TaskData, parse_babi, sample_support
 from hw3_lm_fewshot.ft import apply_mode, build_parser, lora_target_regex, run_ft, selected_blocks
-from hw3_lm_fewshot.generation import PromptTruncatedWarning, generate_greedy
+from hw3_lm_fewshot.generation import (
+    PromptTruncatedWarning,
+    generate_batch,
+    generate_greedy,
+    next_token_logits,
+    prefix_cache,
+)
 from hw3_lm_fewshot.icl import run_icl
 from hw3_lm_fewshot.metrics import TASK_METRIC
 from hw3_lm_fewshot.models import count_parameters, load_causal_lm, load_classifier, resolve_model, transformer_blocks
+from hw3_lm_fewshot.prompts import MAX_NEW_TOKENS, build_prompt, encode_queries, label_candidates, ordered_support
 from tests.test_hw3_unit import write_tiny_data
 
 
@@ -179,6 +187,54 @@ def test_tiny_end_to_end_ft_and_icl_babi(smollm2):
 
 
 @needs_smollm2
+def test_batched_generation_with_a_shared_prefix_matches_one_prompt_at_a_time(smollm2):
+    """Left padding, the attention mask, the position ids and the copied prefix cache change nothing:
+    the same greedy answers as reading each whole prompt alone (queries of different lengths)."""
+    model, tokenizer = smollm2
+    task = fixture_task()
+    for prompt in ("qa", "custom"):
+        prefix_ids, queries, _ = encode_queries(tokenizer, model, task, 2, prompt, 0, True, 0, None)
+        support = ordered_support(task, 2, 0, 0)
+        whole = [build_prompt("babi", prompt, support, ex.x) for ex in task.eval]
+        assert [prefix_ids + q for q in queries] == [tokenizer(text)["input_ids"] for text in whole]
+        assert len({len(q) for q in queries}) > 1  # the batch really is padded
+        alone = [generate_greedy(model, tokenizer, text, MAX_NEW_TOKENS["babi"]) for text in whole]
+        cache = prefix_cache(model, prefix_ids)
+        batched = generate_batch(model, tokenizer, queries, MAX_NEW_TOKENS["babi"], prefix_ids, cache)
+        assert batched == alone
+        assert generate_batch(model, tokenizer, [prefix_ids + q for q in queries], MAX_NEW_TOKENS["babi"]) == alone
+        # the cache was copied, not extended: a second use gives the same answers
+        assert generate_batch(model, tokenizer, queries, MAX_NEW_TOKENS["babi"], prefix_ids, cache) == alone
+
+
+@needs_smollm2
+def test_amazon_labels_are_scored_by_likelihood_after_a_cached_prefix(smollm2):
+    model, tokenizer = smollm2
+    shared, candidates = label_candidates(tokenizer, "amazon")
+    assert len(set(candidates)) == 5 and tokenizer.decode(shared + [candidates[3]]).strip() == "4"
+    reviews = ["Broke after a day.", "Does the job, nothing more, and the box was dented when it came.", "Love it!"]
+    pool = [Example(f"review {c}", c) for c in range(5)]
+    task = TaskData("amazon", pool, [Example(text, label) for label, text in zip((0, 2, 4), reviews)], "hand-made")
+    prefix_ids, queries, _ = encode_queries(tokenizer, model, task, 1, "qa", 0, True, 0, None)
+    queries = [q + shared for q in queries]
+    cached = next_token_logits(model, tokenizer, queries, prefix_ids, prefix_cache(model, prefix_ids))  # [3, V]
+    with torch.inference_mode():
+        alone = torch.stack([model(input_ids=torch.tensor([prefix_ids + q])).logits[0, -1] for q in queries])
+    torch.testing.assert_close(cached[:, candidates], alone[:, candidates], atol=1e-4, rtol=1e-4)
+    result = run_icl(model, tokenizer, task, k=1, prompt="qa", seed=0, fixed_support=True)
+    assert result["metric"] == "accuracy" and result["generated_tokens"] == 0 and result["prompt_tokens"] > 0
+    assert sum(result["predicted_label_counts"]) == len(task.eval)
+
+
+def test_orderings_permute_one_support_set():
+    task = fixture_task()
+    drawn = ordered_support(task, 3, seed=0, ordering=0)
+    assert drawn == sample_support(task, 3, 0)
+    others = [ordered_support(task, 3, seed=0, ordering=i) for i in (1, 2, 3)]
+    assert all(sorted(o, key=str) == sorted(drawn, key=str) for o in others) and any(o != drawn for o in others)
+
+
+@needs_smollm2
 def test_long_prompt_is_truncated_with_a_warning(smollm2):
     model, tokenizer = smollm2
     prompt = "Anna went to the attic. " * 20 + "Where is Anna? In the"
@@ -201,7 +257,7 @@ def test_ft_main_writes_results_under_the_homework_folder(tmp_path, monkeypatch,
     run_dir = tmp_path / "runs" / "hw3_lm_fewshot" / "ft_modelminilm_dataamazon_modelast_k1_precfp32_seed0"
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["hparams"]["precision"] == "fp32" and saved["metrics"]["runs"][0]["steps"] == 1
-    assert capsys.readouterr().out.startswith("precision: fp32 (bf16 for the hw3 language models is not yet measured")
+    assert capsys.readouterr().out.startswith(f"precision: fp32 ({FP32_BECAUSE})")
 
 
 @needs_minilm

@@ -35,7 +35,7 @@ from hw3_lm_fewshot.data import (
 from hw3_lm_fewshot.generation import PromptTruncatedWarning, first_sentence, truncate_left
 from hw3_lm_fewshot.metrics import accuracy, exact_match, rouge1_f, score
 from hw3_lm_fewshot.models import resolve_model
-from hw3_lm_fewshot.prompts import PROMPTS, build_prompt, check_prompt
+from hw3_lm_fewshot.prompts import PROMPTS, build_prompt, check_prompt, prompt_prefix, prompt_query
 
 FIXTURE = Path(__file__).parent / "fixtures_hw3" / "babi_qa1_sample.txt"
 
@@ -69,10 +69,23 @@ def test_prompt_formats():
     assert build_prompt("babi", "none", [], query) == query
     tldr = build_prompt("xsum", "tldr", [Example("Doc one.", "Sum one.")], "Doc two.")
     assert tldr == "Doc one. TL;DR: Sum one.\n\nDoc two. TL;DR:"
-    custom = build_prompt("xsum", "custom", [], "Doc two.")
-    assert custom.startswith("Summarize each article in one sentence.") and custom.endswith("Input: Doc two.\nOutput:")
+    custom = build_prompt("xsum", "custom", [Example("Doc one.", "Sum one.")], "Doc two.")
+    assert custom == "Article: Doc one.\n\nOne-sentence summary: Sum one.\n\nArticle: Doc two.\n\nOne-sentence summary:"
+    assert build_prompt("babi", "custom", [], query).startswith("Answer each question with one word, the place.\n\n")
+    review = build_prompt("amazon", "qa", [Example("Broke in a day.", 0)], "Love it.")
+    assert review == "Review: Broke in a day.\nStars: 1\n\nReview: Love it.\nStars:"  # labels are stars - 1
     for prompt in PROMPTS:  # every format ends where the answer begins
         assert not build_prompt("xsum", prompt, support, query).endswith((" ", "\n"))
+
+
+def test_prompt_is_prefix_then_query():
+    """The shared prefix (support examples) and the query make exactly the whole prompt."""
+    support = [Example("Anna went to the attic. Where is Anna?", "attic"), Example("Ben ran. Where is Ben?", "porch")]
+    for task, prompt in [("babi", "qa"), ("babi", "custom"), ("xsum", "tldr"), ("xsum", "custom"), ("babi", "none")]:
+        for chosen in (support, support[:1], []):
+            prefix = prompt_prefix(task, prompt, chosen)
+            whole = prefix + prompt_query(task, prompt, "Cat went home. Where is Cat?", prefix)
+            assert whole == build_prompt(task, prompt, chosen, "Cat went home. Where is Cat?")
 
 
 def test_unknown_names_give_clear_errors():
@@ -80,8 +93,8 @@ def test_unknown_names_give_clear_errors():
         check_prompt("chat")
     with pytest.raises(CS330Error, match="amazon, xsum, babi"):
         check_task("imdb")
-    with pytest.raises(CS330Error, match="not a text-generation task"):
-        build_prompt("amazon", "qa", [], "great product")
+    with pytest.raises(CS330Error, match="amazon in-context learning has one format, qa"):
+        build_prompt("amazon", "tldr", [], "great product")
     for bad in ["no such model!", "./missing/model/folder"]:  # rejected before any hub request
         with pytest.raises(CS330Error, match="Choices: offline: minilm"):
             resolve_model(bad)
@@ -153,7 +166,8 @@ def test_cli_errors_exit_with_message(capsys):
         (ft.main, ["--mode", "lora0"], "unknown fine-tuning mode 'lora0'"),
         (ft.main, ["--dataset", "imdb", "--model", "minilm"], "unknown dataset 'imdb'"),
         (icl.main, ["--prompt", "chat"], "unknown prompt format 'chat'"),
-        (icl.main, ["--dataset", "amazon"], "not a text-generation task"),
+        (icl.main, ["--dataset", "amazon", "--prompt", "tldr"], "amazon in-context learning has one format"),
+        (icl.main, ["--orderings", "2"], "--orderings permutes a fixed support set: add --support fixed"),
         (icl.main, ["--dataset", "babi", "--k", "100000"], "k=100000 needs 100000 babi examples in the pool"),
     ]
     for main, argv, message in cases:
@@ -316,14 +330,14 @@ def offline(tmp_path, monkeypatch):
 
 
 def fake_icl_result(calls: list):
-    def run(model, tokenizer, task, k, prompt, seed, max_context=None, precision="fp32"):
+    def run(model, tokenizer, task, k, prompt, seed, max_context=None, precision="fp32", **options):
         calls.append(precision)
         return {"method": "icl", "prompt": prompt, "k": k, "seed": seed, "score": 0.5, "seconds": 0.0}
     return run
 
 
 @pytest.mark.parametrize("extra, precision, why", [
-    ([], "fp32", "bf16 for the hw3 language models is not yet measured against fp32 (issue 14)"),
+    ([], "fp32", "bf16 autocast measured slower than fp32 for hw3's models on CPU (hw3 README)"),
     (["--bf16"], "bf16", "as requested"),
 ])
 def test_icl_main_records_resolved_precision(offline, monkeypatch, capsys, extra, precision, why):
@@ -414,3 +428,13 @@ def test_real_pools_hold_all_the_data():
     assert len(sample_support(amazon, 169, seed=0)) == 5 * 169
     with pytest.raises(CS330Error, match=r"the pool holds 169 \(179 in the smallest class minus 10 evaluation"):
         sample_support(amazon, 170, seed=0)
+
+
+def test_summary_is_mean_and_sample_std_per_method_and_k():
+    runs = [{"method": "ft", "mode": "lora16", "k": 8, "score": s, "seconds": 1.0, "support_acc": a, "steps": 10}
+            for s, a in ((0.2, 1.0), (0.4, 0.5), (0.6, float("nan")))]
+    runs.append({"method": "icl", "prompt": "qa", "k": 8, "score": 0.3, "seconds": 2.0})
+    ft_row, icl_row = sorted(cli.summarize(runs), key=lambda r: r["method"])
+    assert ft_row["mean"] == pytest.approx(0.4) and ft_row["std"] == pytest.approx(0.2)  # ddof 1
+    assert ft_row["support_acc"] == pytest.approx(0.75) and ft_row["repeats"] == 3  # NaN (k = 0) left out
+    assert icl_row["std"] == 0.0 and icl_row["support_acc"] is None and icl_row["variant"] == "qa"
