@@ -25,7 +25,7 @@ from common.device import DEVICE_CHOICES, configure_threads, resolve_device
 from common.errors import CS330Error, cli_main
 from common.timing import timed
 from hw3_lm_fewshot.data import load_task
-from hw3_lm_fewshot.generation import generate_batch, generate_greedy, greedy_no_cache, prefix_cache
+from hw3_lm_fewshot.generation import generate_answers, generate_greedy, greedy_no_cache, prefix_cache
 from hw3_lm_fewshot.models import MODEL_CHOICES, load_causal_lm, resolve_model
 from hw3_lm_fewshot.prompts import (
     DEFAULT_PROMPT,
@@ -48,14 +48,12 @@ def bench_batched(model, tokenizer, args: argparse.Namespace) -> dict:
     whole = [build_prompt(task.name, prompt, support, ex.x) for ex in task.eval]
     prefix_ids, queries, _ = encode_queries(tokenizer, model, task, args.k, prompt, 0, True, 0, None)
     new_tokens = MAX_NEW_TOKENS[task.name]
-    chunks = range(0, len(queries), args.batch_size)
     ways = {
         "one_at_a_time": lambda: [generate_greedy(model, tokenizer, text, new_tokens) for text in whole],
-        "batched": lambda: [a for i in chunks for a in generate_batch(
-            model, tokenizer, [prefix_ids + q for q in queries[i:i + args.batch_size]], new_tokens)],
-        "batched_prefix_cache": lambda: (lambda cache: [a for i in chunks for a in generate_batch(
-            model, tokenizer, queries[i:i + args.batch_size], new_tokens, prefix_ids, cache)])(
-                prefix_cache(model, prefix_ids)),
+        "batched": lambda: generate_answers(model, tokenizer, [prefix_ids + q for q in queries], new_tokens,
+                                            args.batch_size),
+        "batched_prefix_cache": lambda: generate_answers(model, tokenizer, queries, new_tokens, args.batch_size,
+                                                         prefix_ids, prefix_cache(model, prefix_ids)),
     }
     result, answers = {}, {}
     for name, fn in ways.items():

@@ -57,7 +57,7 @@ from hw3_lm_fewshot.cli import (
     run_dir_for,
 )
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
-from hw3_lm_fewshot.generation import encode_prompt, generate_batch, truncate_left
+from hw3_lm_fewshot.generation import encode_prompt, generate_answers, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import ModelSpec, count_parameters, resolve_model, transformer_blocks
 from hw3_lm_fewshot.prompts import DEFAULT_PROMPT, MAX_NEW_TOKENS, PROMPTS, answer_text, build_prompt
@@ -271,10 +271,7 @@ def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Na
         else:
             queries = [encode_prompt(tokenizer, model, build_prompt(task.name, prompt, [], ex.x),
                                      MAX_NEW_TOKENS[task.name], args.max_context) for ex in my_eval]
-            predictions = []
-            for i in range(0, len(queries), args.batch_size):
-                predictions += generate_batch(model, tokenizer, queries[i:i + args.batch_size],
-                                              MAX_NEW_TOKENS[task.name])
+            predictions = generate_answers(model, tokenizer, queries, MAX_NEW_TOKENS[task.name], args.batch_size)
     predictions = distributed.gather_lists(predictions, world)  # rank order is evaluation-set order
     return {
         "method": "ft", "mode": mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],

@@ -147,3 +147,12 @@ def next_token_logits(model, tokenizer, queries: list[list[int]], prefix_ids: li
     logits = model(input_ids=input_ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
                    cache=_batch_cache(cache, len(queries)), use_cache=cache is not None, logits_to_keep=1).logits
     return logits[:, -1].float()  # [B, V]
+
+
+def generate_answers(model, tokenizer, queries: list[list[int]], max_new_tokens: int, batch_size: int,
+                     prefix_ids: list[int] = (), cache=None) -> list[str]:
+    """:func:`generate_batch` over ``queries`` in batches of ``batch_size``, answers in query order."""
+    answers = []
+    for i in range(0, len(queries), batch_size):
+        answers += generate_batch(model, tokenizer, queries[i:i + batch_size], max_new_tokens, prefix_ids, cache)
+    return answers

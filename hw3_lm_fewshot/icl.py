@@ -44,7 +44,7 @@ from hw3_lm_fewshot.cli import (
     run_dir_for,
 )
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, TaskData, load_task, sample_support
-from hw3_lm_fewshot.generation import generate_batch, next_token_logits, prefix_cache
+from hw3_lm_fewshot.generation import generate_answers, next_token_logits, prefix_cache
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import resolve_model
 from hw3_lm_fewshot.prompts import (
@@ -73,19 +73,18 @@ def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, ma
     sample_support(task, k, seed)  # a clear error now if k does not fit the pool
     prefix_ids, queries, truncated = encode_queries(tokenizer, model, task, k, prompt, seed, fixed_support,
                                                     ordering, max_context)
-    predictions: list = []
     with autocast(device, precision):
         cache = prefix_cache(model, prefix_ids)
         if task.name == "amazon":
             shared, candidates = label_candidates(tokenizer, task.name)
             queries = [q + shared for q in queries]
-        for i in range(0, len(queries), batch_size):
-            batch = queries[i:i + batch_size]
-            if task.name == "amazon":
-                logits = next_token_logits(model, tokenizer, batch, prefix_ids, cache)  # [B, V]
+            predictions = []
+            for i in range(0, len(queries), batch_size):
+                logits = next_token_logits(model, tokenizer, queries[i:i + batch_size], prefix_ids, cache)  # [B, V]
                 predictions += logits[:, candidates].argmax(-1).tolist()
-            else:
-                predictions += generate_batch(model, tokenizer, batch, MAX_NEW_TOKENS[task.name], prefix_ids, cache)
+        else:
+            predictions = generate_answers(model, tokenizer, queries, MAX_NEW_TOKENS[task.name], batch_size,
+                                           prefix_ids, cache)
     references = [ex.y for ex in task.eval]
     seconds = time.time() - start
     read = len(prefix_ids) + sum(len(q) for q in queries)  # prompt tokens the model read
