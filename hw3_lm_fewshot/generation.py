@@ -52,9 +52,14 @@ def truncate_left(input_ids: list[int], max_tokens: int, what: str = "prompt") -
     return input_ids[-max_tokens:]
 
 
+def context_limit(model, max_context: int | None = None) -> int:
+    """Tokens a prompt plus its answer may take: the model's context, or ``--max_context`` if smaller."""
+    return min(context_length(model), max_context or context_length(model))
+
+
 def encode_prompt(tokenizer, model, prompt: str, max_new_tokens: int, max_context: int | None = None) -> list[int]:
     """Token ids of ``prompt``, left-truncated so that prompt + generation fit the context."""
-    limit = min(context_length(model), max_context or context_length(model)) - max_new_tokens
+    limit = context_limit(model, max_context) - max_new_tokens
     return truncate_left(tokenizer(prompt)["input_ids"], limit)
 
 

@@ -26,8 +26,7 @@ from collections.abc import Sequence
 
 from common.errors import CS330Error
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, sample_support
-from hw3_lm_fewshot.generation import PromptTruncatedWarning, encode_prompt
-from hw3_lm_fewshot.models import context_length
+from hw3_lm_fewshot.generation import PromptTruncatedWarning, context_limit, encode_prompt
 
 PROMPTS = ("qa", "none", "tldr", "custom")
 GENERATION_TASKS = ("xsum", "babi")
@@ -128,7 +127,7 @@ def encode_queries(tokenizer, model, task: TaskData, k: int, prompt: str, seed: 
         prefix_ids = tokenizer(prefix)["input_ids"] if prefix else []
         queries = [tokenizer(prompt_query(task.name, prompt, ex.x, prefix), add_special_tokens=not prefix)["input_ids"]
                    for ex in task.eval]
-        limit = min(context_length(model), max_context or context_length(model))
+        limit = context_limit(model, max_context)
         longest = len(prefix_ids) + max(len(q) for q in queries) + max_new
         if longest > limit:
             raise CS330Error(f"k={k} with a fixed support set needs {longest} tokens of context, the limit is "
