@@ -70,3 +70,65 @@ class SequenceSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.episodes.load_state_dict(state)
+
+
+# --- Santoro et al. (2016)'s protocol: one label per step, revealed at the next step ----------------
+
+
+class OnlineBatch(NamedTuple):
+    images: torch.Tensor  # [B, T, 784] float in [0, 1], T = N * presentations
+    labels: torch.Tensor  # [B, T] class ids; the model sees labels[:, t-1] at step t
+    instance: torch.Tensor  # [B, T] 1-based: how many times the step's class has been shown so far
+
+
+def check_episode_shape(num_classes: int, presentations: int, split_sizes: dict[str, int] | None = None) -> None:
+    """Refuse (N, presentations) combinations that cannot be sampled, before any training starts."""
+    check_task_shape(num_classes, 1, split_sizes)
+    if not 1 <= presentations <= NUM_DRAWINGS:
+        raise CS330Error(
+            f"--presentations {presentations}: each class is shown as distinct drawings of one character, and "
+            f"every Omniglot character has {NUM_DRAWINGS}: use 1..{NUM_DRAWINGS}"
+        )
+
+
+class OnlineSampler:
+    """Episodes of Santoro et al.: N random classes with random labels, each shown ``presentations``
+    times (distinct drawings) in one random order of ``T = N * presentations`` steps.
+
+    The paper drew the class of every step at random ("about 10 instances of each class" in 50 steps);
+    a fixed count per class keeps every instance number, the 10th included, in every episode.
+    """
+
+    def __init__(self, split_images: torch.Tensor, num_classes: int, presentations: int = 10,
+                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+        check_episode_shape(num_classes, presentations, {"chosen": int(split_images.shape[0])})
+        # The grid's rows are random classes, so "label = row" is a random label assignment per episode.
+        self.episodes = EpisodeSampler(split_images, num_classes, presentations, 1, device=device, seed=seed)
+        self.num_classes, self.presentations = num_classes, presentations
+        self.device = torch.device(device)
+
+    def sample(self, batch_size: int) -> OnlineBatch:
+        n, p = self.num_classes, self.presentations
+        grid = self.episodes.sample_grid(batch_size)[:, :, :p]  # [B, N, P, 1, S, S] (drops the query drawing)
+        images = grid.flatten(3).flatten(1, 2)  # [B, N*P, S*S]: class-major
+        labels = torch.arange(n, device=self.device).repeat_interleave(p).expand(batch_size, -1)  # [B, N*P]
+        # One random order of the steps per episode (a class's drawings are in random order already).
+        order = torch.rand(batch_size, n * p, generator=self.episodes.generator).argsort(dim=1).to(self.device)
+        images = images.gather(1, order[..., None].expand(-1, -1, images.shape[-1]))
+        labels = labels.gather(1, order)
+        return OnlineBatch(images.contiguous(), labels.contiguous(), count_presentations(labels, n))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.episodes.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.episodes.load_state_dict(state)
+
+
+def count_presentations(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, T]`` labels -> ``[B, T]`` 1-based count of the step's label among steps ``0..t``."""
+    one_hot = torch.nn.functional.one_hot(labels, num_classes)  # [B, T, N]
+    return (one_hot.cumsum(dim=1) * one_hot).sum(-1)
+
+
+TaskSampler = SequenceSampler | OnlineSampler  # the sampler of either protocol

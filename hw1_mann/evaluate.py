@@ -1,4 +1,5 @@
-"""Query accuracy over many tasks (with a 95% interval) and accuracy by instance number."""
+"""Accuracy over many tasks (with a 95% interval) and accuracy by instance number, for both layouts:
+the course's query row (``SequenceBatch``) and Santoro et al.'s every-step answers (``OnlineBatch``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import torch
 from torch import nn
 
 from common.stats import mean_ci95
-from hw1_mann.data import SequenceBatch, SequenceSampler
-from hw1_mann.models import query_loss
+from hw1_mann.data import OnlineBatch, SequenceBatch, TaskSampler
+from hw1_mann.models import online_loss, query_loss
 
 
 def task_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -19,26 +20,45 @@ def batch_sizes(num_tasks: int, batch_size: int) -> list[int]:
     return [batch_size] * (num_tasks // batch_size) + ([num_tasks % batch_size] if num_tasks % batch_size else [])
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, sampler: SequenceSampler, num_tasks: int, batch_size: int,
-             by_instance: bool = False) -> dict[str, float | list[float]]:
-    """Mean query loss and accuracy over ``num_tasks`` fresh tasks, with the 95% interval of the accuracy.
+def batch_scores(model: nn.Module, batch: SequenceBatch | OnlineBatch,
+                 by_instance: bool = False) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """Per-task accuracies ``[B]``, the summed loss (mean loss * B), and with ``by_instance`` the
+    per-task accuracy on a class's 1st, 2nd, ... presentation summed over the tasks ``[I]``.
 
-    ``by_instance`` adds ``acc_by_instance[i]``: the accuracy on a class's (i+1)-th presentation, i.e.
-    the query accuracy when only the first i support rows are kept (i = 0 is a guess, i = K is the
-    usual query accuracy), as in the instance table of Santoro et al. (2016).
+    Course layout: the accuracy is the query row's; the i-th presentation is the query after the first
+    i-1 support rows (one forward each: i = 1 is a guess, i = K+1 the usual query accuracy).
+    Santoro et al.'s layout: the accuracy is over every step, and the by-instance figures come from the
+    same forward, grouping steps by ``batch.instance``.
     """
+    size = batch.images.shape[0]
+    logits = model(batch.images, batch.labels)
+    if isinstance(batch, OnlineBatch):
+        correct = (logits.argmax(-1) == batch.labels).float()  # [B, T]
+        by_row = None
+        if by_instance:
+            steps = torch.nn.functional.one_hot(batch.instance - 1).float()  # [B, T, I]
+            by_row = ((correct[..., None] * steps).sum(1) / steps.sum(1)).sum(0)  # [I]
+        return correct.mean(1), online_loss(logits, batch.labels).item() * size, by_row
+    by_row = None
+    if by_instance:
+        by_row = torch.stack([prefix_accuracy(model, batch, shots).sum() for shots in range(batch.images.shape[1])])
+    return task_accuracies(logits, batch.labels), query_loss(logits, batch.labels).item() * size, by_row
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, sampler: TaskSampler, num_tasks: int, batch_size: int,
+             by_instance: bool = False) -> dict[str, float | list[float]]:
+    """Mean loss and accuracy over ``num_tasks`` fresh tasks, with the 95% interval of the accuracy;
+    ``by_instance`` adds ``acc_by_instance[i]``, the accuracy on a class's (i+1)-th presentation, as in
+    the instance table of Santoro et al. (2016) (see :func:`batch_scores`)."""
     was_training = model.training
     model.eval()
     accuracies, losses, by_row = [], [], []
     for size in batch_sizes(num_tasks, batch_size):
-        batch = sampler.sample(size)
-        logits = model(*batch)
-        accuracies.append(task_accuracies(logits, batch.labels))
-        losses.append(query_loss(logits, batch.labels).item() * size)
-        if by_instance:
-            by_row.append(torch.stack([prefix_accuracy(model, batch, shots).sum()
-                                       for shots in range(sampler.num_shot + 1)]))
+        task_acc, loss_sum, correct_by_instance = batch_scores(model, sampler.sample(size), by_instance)
+        accuracies.append(task_acc)
+        losses.append(loss_sum)
+        by_row.append(correct_by_instance)
     model.train(was_training)
     acc, ci95 = mean_ci95(torch.cat(accuracies).cpu().numpy())
     result: dict[str, float | list[float]] = {"acc": acc, "acc_ci95": ci95, "loss": sum(losses) / num_tasks}

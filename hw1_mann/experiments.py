@@ -1,5 +1,5 @@
-"""The hw1 experiments: the course (K, N) grid, a hidden-size sweep, LSTM vs memory network, and
-seeds of the hardest course setting.
+"""The hw1 experiments: the course (K, N) grid, a hidden-size sweep, LSTM vs memory network, seeds
+of the hardest course setting, and LSTM vs memory network under Santoro et al. (2016)'s protocol.
 
     python hw1_mann/experiments.py --preset cpu --dry_run   # what would run, and what is done
     python hw1_mann/experiments.py --preset cpu             # about an hour on 2 CPU cores
@@ -7,9 +7,12 @@ seeds of the hardest course setting.
 
 Presets:
 - ``cpu``: the LSTM at (K, N) = (1, 4) with 3 seeds at the course's 25000 steps (README: 16-30
-  steps/s at (1, 4) on this CPU, so 15-25 min per run). The Santoro et al. protocol is future work.
+  steps/s at (1, 4) on this CPU, so 15-25 min per run); Santoro et al.'s protocol (5 classes x 10
+  presentations, meta-batch 16, hidden 200) for 12000 steps = 192,000 episodes, about twice the
+  paper's 100,000, 3 seeds of each model (LSTM ~10 min per run, memory network ~50 min).
 - ``course``: the course's 25000 steps for the course grid (1,2), (2,2), (1,3), (1,4), hidden sizes
-  8/128/256 at (1, 3), LSTM vs memory network at (1, 4), and the 3 seeds at (1, 4).
+  8/128/256 at (1, 3), LSTM vs memory network at (1, 4), the 3 seeds at (1, 4), and the Santoro
+  et al. runs of ``cpu``.
 - ``smoke`` (``--quick``): 300 steps of one run, to check the pipeline.
 Every run is ``hw1_mann/train.py`` in ``runs/hw1_mann/experiments/<preset>/<name>`` (see
 common/grid.py: finished runs are reused, killed ones resumed). Writes ``results.md`` (table) and
@@ -39,26 +42,45 @@ COURSE = [
     ("memory", "lstm", 1, 4, 128, 123), ("memory", "memory", 1, 4, 128, 123),
 ]
 SEEDS = [("seeds", "lstm", 1, 4, 128, seed) for seed in (123, 124, 125)]
-PRESETS = {  # experiments, training steps, eval/checkpoint period, final test tasks
+# Santoro et al. (2016): 5 classes x 10 presentations; K is not a flag there (0 in the key).
+SANTORO = [("santoro", model, 0, 5, 200, seed) for model in ("lstm", "memory") for seed in (123, 124, 125)]
+# The protocol's own sizes: the paper's meta-batch 16 and hidden 200; every 200 steps 128 val and
+# 128 test episodes give the learning curve (by instance, from the same forward).
+SANTORO_FLAGS = ["--protocol", "santoro", "--presentations", "10", "--meta_batch_size", "16", "--eval_tasks", "128"]
+PRESETS = {  # experiments, training steps (course protocol, Santoro's), eval/checkpoint period, final test tasks
     "smoke": {"runs": SEEDS[:1], "train_steps": 300, "eval_freq": 50, "num_test_tasks": 200},
-    "cpu": {"runs": SEEDS, "train_steps": 25000, "eval_freq": 100, "num_test_tasks": 1000},
-    "course": {"runs": COURSE + SEEDS, "train_steps": 25000, "eval_freq": 100, "num_test_tasks": 1000},
+    "cpu": {"runs": SEEDS + SANTORO, "train_steps": 25000, "santoro_steps": 12000, "eval_freq": 100,
+            "num_test_tasks": 1000},
+    "course": {"runs": COURSE + SEEDS + SANTORO, "train_steps": 25000, "santoro_steps": 12000, "eval_freq": 100,
+               "num_test_tasks": 1000},
 }
+# Santoro et al. (2016), table 1 (Omniglot, 5 classes, one-hot labels): percent correct on a class's
+# 1st, 2nd, 3rd, 4th, 5th and 10th presentation.
+INSTANCES = (1, 2, 3, 4, 5, 10)
+PAPER = {"lstm": (24.4, 49.5, 55.3, 61.0, 63.6, 62.5), "memory": (36.4, 82.8, 91.0, 92.6, 94.9, 98.1)}
 GROUP_TITLES = {"grid": "course grid (LSTM)", "hidden": "hidden size, 1-shot 3-way (LSTM)",
                 "memory": "LSTM vs memory, 1-shot 4-way", "seeds": "LSTM, 1-shot 4-way, 3 seeds"}
 
 
 def run_name(model: str, shots: int, ways: int, hidden: int, seed: int) -> str:
+    if shots == 0:
+        return f"{model}_santoro_N{ways}_P10_H{hidden}_seed{seed}"
     return f"{model}_K{shots}_N{ways}_H{hidden}_seed{seed}"
 
 
 def configs(preset: str) -> list[Config]:
     sizes = PRESETS[preset]
-    return [Config(run_name(model, shots, ways, hidden, seed), "hw1_mann.train",
-                   ["--model", model, "--num_shot", str(shots), "--num_classes", str(ways), "--hidden_dim", str(hidden),
-                    "--random_seed", str(seed), "--train_steps", str(sizes["train_steps"]),
-                    "--eval_freq", str(sizes["eval_freq"]), "--num_test_tasks", str(sizes["num_test_tasks"])])
-            for _, model, shots, ways, hidden, seed in sizes["runs"]]
+    result = []
+    for _, model, shots, ways, hidden, seed in sizes["runs"]:
+        argv = ["--model", model, "--num_classes", str(ways), "--hidden_dim", str(hidden), "--random_seed", str(seed),
+                "--num_test_tasks", str(sizes["num_test_tasks"])]
+        if shots == 0:
+            argv += [*SANTORO_FLAGS, "--train_steps", str(sizes["santoro_steps"]), "--eval_freq", "200"]
+        else:
+            argv += ["--num_shot", str(shots), "--train_steps", str(sizes["train_steps"]),
+                     "--eval_freq", str(sizes["eval_freq"])]
+        result.append(Config(run_name(model, shots, ways, hidden, seed), "hw1_mann.train", argv))
+    return result
 
 
 def report_for(preset: str):
@@ -69,7 +91,7 @@ def report_for(preset: str):
         lines = ["| group | model | K | N | hidden | seed | test acc (95%) | by instance | last val acc | steps/s |",
                  "|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
         seed_accs = []
-        for group, model, shots, ways, hidden, seed in runs:
+        for group, model, shots, ways, hidden, seed in (key for key in runs if key[0] != "santoro"):
             name = run_name(model, shots, ways, hidden, seed)
             acc = lookup(frame, name, "test_acc")
             if acc is None:
@@ -88,6 +110,10 @@ def report_for(preset: str):
             header += (f" Seeds at (K, N) = (1, 4): mean {np.mean(seed_accs):.3f}, std {np.std(seed_accs, ddof=1):.3f} "
                        f"over {len(seed_accs)} seeds.")
         plot(frame, runs, out / "test_acc_vs_step.png")
+        santoro = [key for key in runs if key[0] == "santoro"]
+        if santoro:
+            plot_santoro(frame, santoro, out / "santoro_by_instance.png")
+            return "\n\n".join([header, "\n".join(lines), santoro_table(frame, santoro, preset)])
         return header + "\n\n" + "\n".join(lines)
 
     return report
@@ -102,6 +128,73 @@ def plot(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
             ax.plot([h["step"] for h in history], [h["test_acc"] for h in history],
                     label=f"{model} K={shots} N={ways} H={hidden} seed {seed}")
         ax.set(title=GROUP_TITLES[group], xlabel="training step", ylabel="test query accuracy (128 tasks)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def santoro_table(frame: pd.DataFrame, runs: list[tuple], preset: str) -> str:
+    """Percent correct by instance per run, mean ± std over seeds per model, and the paper's row."""
+    lines = ["| model | seed | 1st | 2nd | 3rd | 4th | 5th | 10th | every step (95%) | steps/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for model in PAPER:
+        finals = []
+        for _, _, shots, ways, hidden, seed in (key for key in runs if key[1] == model):
+            name = run_name(model, shots, ways, hidden, seed)
+            by_instance = lookup(frame, name, "test_acc_by_instance")
+            if by_instance is None:
+                lines.append(f"| {model} | {seed} | not finished | | | | | | | |")
+                continue
+            finals.append([100 * by_instance[i - 1] for i in INSTANCES])
+            acc, ci95 = (100 * lookup(frame, name, key) for key in ("test_acc", "test_acc_ci95"))
+            every_step = f"{acc:.1f} ± {ci95:.1f}"
+            lines.append(f"| {model} | {seed} | " + " | ".join(f"{a:.1f}" for a in finals[-1])
+                         + f" | {every_step} | {lookup(frame, name, 'steps_per_sec', float('nan')):.1f} |")
+        if len(finals) > 1:
+            mean, std = np.mean(finals, axis=0), np.std(finals, axis=0, ddof=1)
+            lines.append(f"| **{model}, mean ± std** | {len(finals)} seeds | "
+                         + " | ".join(f"**{m:.1f} ± {d:.1f}**" for m, d in zip(mean, std)) + " | | |")
+        paper = " | ".join(f"{a:.1f}" for a in PAPER[model])
+        lines.append(f"| {model}, Santoro et al. table 1 | | {paper} | | |")
+    sizes = PRESETS[preset]
+    header = (f"Santoro et al. protocol: 5 classes x 10 presentations, labels one step late, meta-batch 16, hidden "
+              f"200, Adam lr 1e-3, {sizes['santoro_steps']} steps ({16 * sizes['santoro_steps']:,} episodes); percent "
+              f"correct on {sizes['num_test_tasks']} test episodes, each instance column over "
+              f"{5 * sizes['num_test_tasks']} presentations (binomial 95% interval at most ± "
+              f"{196 * (0.25 / (5 * sizes['num_test_tasks'])) ** 0.5:.1f} points).")
+    return header + "\n\n" + "\n".join(lines)
+
+
+def plot_santoro(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
+    """Left: test accuracy at a class's 1st/2nd/5th/10th presentation against episodes seen (mean over
+    seeds of the 128-episode test batches). Right: final accuracy by instance (mean ± std over seeds)
+    with the paper's points."""
+    fig, (curve, final) = plt.subplots(1, 2, figsize=(11, 4))
+    for model, colour in (("lstm", "tab:blue"), ("memory", "tab:red")):
+        names = [run_name(*key[1:]) for key in runs if key[1] == model]
+        histories = [h for h in (lookup(frame, name, "history") for name in names) if h]
+        if not histories:
+            continue
+        length = min(len(h) for h in histories)
+        episodes = [16 * record["step"] for record in histories[0][:length]]
+        by_step = np.array([[r["test_acc_by_instance"] for r in h[:length]] for h in histories])  # [seeds, evals, I]
+        for instance, style in ((1, ":"), (2, "--"), (5, "-."), (10, "-")):
+            curve.plot(episodes, 100 * by_step[:, :, instance - 1].mean(0), style, color=colour,
+                       label=f"{model}, instance {instance}")
+        finals = 100 * np.array([lookup(frame, name, "test_acc_by_instance") for name in names
+                                 if lookup(frame, name, "test_acc_by_instance") is not None])
+        if len(finals):
+            ticks = np.arange(1, finals.shape[1] + 1)
+            final.errorbar(ticks, finals.mean(0), yerr=finals.std(0, ddof=1) if len(finals) > 1 else None,
+                           color=colour, marker="o", capsize=3, label=f"{model} ({len(finals)} seeds)")
+        final.plot(INSTANCES, PAPER[model], "x", color=colour, markersize=9, label=f"{model}, Santoro et al.")
+    curve.set(title="learning curve (test, 128 episodes per point)", xlabel="training episodes",
+              ylabel="percent correct")
+    final.set(title="after training (1000 test episodes)", xlabel="instance (presentation of a class)",
+              ylabel="percent correct", xticks=range(1, 11))
+    for ax in (curve, final):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

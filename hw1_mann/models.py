@@ -1,8 +1,12 @@
 """The two black-box meta-learners compared in hw1.
 
-Both read a task as one sequence of N*(K+1) steps: the K support rows (image concatenated with its
-one-hot label), then the query row with the labels zeroed, and predict the class of every step.
-Only the query predictions enter the loss (:func:`query_loss`).
+Both read a task as one sequence of steps, an image concatenated with a one-hot label, and predict
+the class of every step. Two layouts (:func:`step_inputs` tells them apart by the labels' shape):
+
+- the course's: N*(K+1) steps, the K support rows with their labels, then the query row with the
+  labels zeroed; only the query predictions enter the loss (:func:`query_loss`);
+- Santoro et al.'s: T steps, each image with the label of the *previous* step, so every label is
+  revealed one step after its image; every prediction enters the loss (:func:`online_loss`).
 
 - :class:`LSTMMANN`: the course model, two stacked LSTMs (``hidden_dim``, then N outputs).
 - :class:`MemoryMANN`: the memory-augmented network of Santoro et al. 2016, "Meta-Learning with
@@ -54,10 +58,48 @@ def model_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return steps.reshape(batch, rows * n, image_dim + num_classes)
 
 
+def online_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, T, 784]`` images + ``[B, T]`` class ids -> ``[B, T, 784+N]`` step inputs in which step t
+    carries the one-hot label of step t-1 (zeros at t = 0): the model answers before it is told."""
+    if images.dim() != 3 or labels.shape != images.shape[:2]:
+        raise CS330Error(f"expected images [B, T, 784] and labels [B, T], got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if images.shape[-1] != IMAGE_DIM:
+        raise CS330Error(f"expected flattened 28x28 images (784 values), got {images.shape[-1]}")
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise CS330Error(f"the model was built for {num_classes}-way episodes but got label {int(labels.max())}")
+    previous = F.one_hot(labels[:, :-1], num_classes).to(images.dtype)  # [B, T-1, N]
+    shifted = torch.cat([images.new_zeros(labels.shape[0], 1, num_classes), previous], dim=1)  # [B, T, N]
+    return torch.cat([images, shifted], dim=-1)
+
+
+def step_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The ``[B, T, 784+N]`` steps of either layout: one-hot ``[B, K+1, N, N]`` labels are the course's,
+    ``[B, T]`` class ids Santoro et al.'s."""
+    if labels.dim() == 2:
+        return online_inputs(images, labels, num_classes)
+    return model_inputs(images, labels, num_classes)
+
+
 def query_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the query row only: logits and labels ``[B, K+1, N, N]``."""
     n = logits.shape[-1]
     return F.cross_entropy(logits[:, -1].reshape(-1, n), labels[:, -1].argmax(-1).reshape(-1))
+
+
+def online_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every step: logits ``[B, T, N]``, class ids ``[B, T]``."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of the layout (see :func:`step_inputs`): a mean over tasks either way."""
+    return online_loss(logits, labels) if labels.dim() == 2 else query_loss(logits, labels)
+
+
+def _as_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T, N]`` logits in the labels' layout: ``[B, K+1, N, N]`` for the course's, as is for Santoro's."""
+    return logits if labels.dim() == 2 else logits.reshape(labels.shape)
 
 
 class LSTMMANN(nn.Module):
@@ -72,11 +114,12 @@ class LSTMMANN(nn.Module):
         _init_lstm(self.layer2)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """images ``[B, K+1, N, 784]``, labels ``[B, K+1, N, N]`` -> logits ``[B, K+1, N, N]``."""
-        steps = model_inputs(images, labels, self.num_classes)  # [B, T, 784+N], T = N*(K+1)
+        """images ``[B, K+1, N, 784]``, labels ``[B, K+1, N, N]`` -> logits ``[B, K+1, N, N]``
+        (or Santoro et al.'s images ``[B, T, 784]``, labels ``[B, T]`` -> logits ``[B, T, N]``)."""
+        steps = step_inputs(images, labels, self.num_classes)  # [B, T, 784+N], T = N*(K+1) for the course
         hidden, _ = self.layer1(steps)  # [B, T, hidden]
         logits, _ = self.layer2(hidden)  # [B, T, N]
-        return logits.reshape(labels.shape)
+        return _as_labels(logits, labels)
 
 
 class MemoryMANN(nn.Module):
@@ -107,8 +150,9 @@ class MemoryMANN(nn.Module):
             _init_linear(layer)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """images ``[B, K+1, N, 784]``, labels ``[B, K+1, N, N]`` -> logits ``[B, K+1, N, N]``."""
-        steps = model_inputs(images, labels, self.num_classes)  # [B, T, 784+N]
+        """images ``[B, K+1, N, 784]``, labels ``[B, K+1, N, N]`` -> logits ``[B, K+1, N, N]``
+        (or Santoro et al.'s images ``[B, T, 784]``, labels ``[B, T]`` -> logits ``[B, T, N]``)."""
+        steps = step_inputs(images, labels, self.num_classes)  # [B, T, 784+N]
         batch, num_steps = steps.shape[:2]
         heads, slots, dim = self.num_reads, self.memory_slots, self.memory_dim
         zeros = steps.new_zeros
@@ -138,7 +182,7 @@ class MemoryMANN(nn.Module):
             ranked = usage.detach().topk(heads, dim=1, largest=False).indices  # [B, H]
             least_used = F.one_hot(ranked, slots).to(memory.dtype)  # [B, H, slots]
             outputs.append(self.output(torch.cat([h, reads], dim=-1)))  # [B, N]
-        return torch.stack(outputs, dim=1).reshape(labels.shape)
+        return _as_labels(torch.stack(outputs, dim=1), labels)  # stacked: [B, T, N]
 
 
 def build_model(name: str, num_classes: int, hidden_dim: int, memory_slots: int = 128, memory_dim: int = 40,

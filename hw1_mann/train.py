@@ -4,11 +4,17 @@
     python hw1_mann/train.py --num_classes 4 --model memory          # external-memory MANN
     python hw1_mann/train.py ... --resume                            # continue a killed run
     python hw1_mann/train.py ... --test                              # re-evaluate a finished run on test
+    python hw1_mann/train.py --protocol santoro --model memory       # Santoro et al. 2016's episodes
 
 Every ``--eval_freq`` steps one meta-batch of validation tasks and one of test tasks are scored
 (TensorBoard ``val/*`` and ``test/*``) and a checkpoint is written; at the end the final model is
 scored on ``--num_test_tasks`` test tasks (mean query accuracy with its 95% interval, and accuracy
 by instance number) and everything goes to ``results.json`` in the run folder.
+
+``--protocol santoro`` trains on Santoro et al. (2016)'s episodes instead of the course's K-shot
+sequences: N classes with random labels, each shown ``--presentations`` times in one random order,
+every image with the label of the step before, and a loss on every step (``hw1_mann.data.OnlineSampler``);
+accuracy by instance is then the accuracy on a class's 1st, 2nd, ... presentation within the episode.
 
 The run folder follows ``common.run.RunFolder``: one run at a time per folder, ``--resume`` only
 with the run's flags (``--train_steps``, ``--eval_freq`` and ``--num_test_tasks`` may change), the
@@ -48,18 +54,27 @@ from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
 from common.stats import mean_ci95
-from hw1_mann.data import SequenceBatch, SequenceSampler, check_task_shape
-from hw1_mann.evaluate import batch_sizes, evaluate, prefix_accuracy, task_accuracies
-from hw1_mann.models import build_model, query_loss
+from hw1_mann.data import (
+    OnlineBatch,
+    OnlineSampler,
+    SequenceBatch,
+    SequenceSampler,
+    TaskSampler,
+    check_episode_shape,
+    check_task_shape,
+)
+from hw1_mann.evaluate import batch_scores, batch_sizes, evaluate
+from hw1_mann.models import build_model, sequence_loss
 
 HOMEWORK = "hw1_mann"
 # Flags a --resume (or --test) may change besides common.cli.RUN_ONLY_FLAGS: the run length, the
 # evaluation interval and the number of final test tasks do not change the weights trained so far.
-RESUMABLE_FLAGS = ("train_steps", "eval_freq", "num_test_tasks")
+RESUMABLE_FLAGS = ("train_steps", "eval_freq", "eval_tasks", "num_test_tasks")
 FP32_BECAUSE = "hw1's LSTM/memory models were not measured faster in bf16"
 # The samplers of a run: each its own seeded generator, so validation never shifts the training data
 # order. "test" is the small test meta-batch of every --eval_freq step; "final" scores the end model.
 SAMPLERS = (("train", "train"), ("val", "val"), ("test", "test"), ("final", "test"))
+INSTANCES = (1, 2, 3, 4, 5, 10)  # the columns of Santoro et al.'s table 1, logged under --protocol santoro
 
 
 def str2bool(text: str) -> bool:
@@ -89,24 +104,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory_slots", type=positive_int, default=128, help="memory model: slots (default: 128)")
     parser.add_argument("--memory_dim", type=positive_int, default=40, help="memory model: slot size (default: 40)")
     parser.add_argument("--num_reads", type=positive_int, default=4, help="memory model: read heads (default: 4)")
+    parser.add_argument("--protocol", choices=("course", "santoro"), default="course",
+                        help="course: K support rows then a query row, loss on the query; santoro: Santoro et al. "
+                             "2016's episodes, labels shown one step late, loss on every step (default: course)")
+    parser.add_argument("--presentations", type=positive_int, default=10,
+                        help="santoro protocol: presentations of each class per episode, so episodes are "
+                             "num_classes * presentations steps long (default: 10, the paper's 5 x 10 = 50)")
+    parser.add_argument("--eval_tasks", type=positive_int, default=None,
+                        help="tasks scored on val and on test every --eval_freq steps (default: --meta_batch_size)")
     parser.add_argument("--num_test_tasks", type=positive_int, default=1000,
                         help="test tasks scored at the end (default: 1000)")
     parser.add_argument("--test", type=str2bool, nargs="?", const=True, default=False,
                         help="only evaluate the run's latest checkpoint on the test characters "
                              "(--test, --test true or --test false)")
     add_run_args(parser, seed_flag="--random_seed", seed_default=123)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.eval_tasks = args.eval_tasks or args.meta_batch_size
+    return args
 
 
 def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
     """Every hyper-parameter in the name, the resolved precision included (resolved here when not given)."""
     if precision is None:
         precision = resolve_precision(args.precision, resolve_device(args.device), FP32_BECAUSE)[0]
-    parts = {"N": args.num_classes, "K": args.num_shot, "B": args.meta_batch_size, "H": args.hidden_dim,
-             "lr": args.learning_rate, "steps": args.train_steps, "prec": precision, "seed": args.random_seed}
+    santoro = args.protocol == "santoro"
+    parts = {"N": args.num_classes, **({"P": args.presentations} if santoro else {"K": args.num_shot}),
+             "B": args.meta_batch_size, "H": args.hidden_dim, "lr": args.learning_rate, "steps": args.train_steps,
+             "prec": precision, "seed": args.random_seed}
     if args.model == "memory":
         parts.update(slots=args.memory_slots, mdim=args.memory_dim, reads=args.num_reads)
-    return build_run_name(args.model, parts)
+    return build_run_name(f"{args.model}_santoro" if santoro else args.model, parts)
+
+
+def make_sampler(args: argparse.Namespace, split_images: torch.Tensor, device: torch.device,
+                 seed: int) -> TaskSampler:
+    """The task sampler of ``--protocol`` on one split."""
+    if args.protocol == "santoro":
+        return OnlineSampler(split_images, args.num_classes, args.presentations, device, seed)
+    return SequenceSampler(split_images, args.num_classes, args.num_shot, device, seed)
 
 
 @cli_main
@@ -121,7 +156,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def load_splits() -> dict[str, torch.Tensor]:
         store = OmniglotStore.load(args.data_dir)
         splits = {name: store.split(name) for name in ("train", "val", "test")}
-        check_task_shape(args.num_classes, args.num_shot, {name: len(images) for name, images in splits.items()})
+        sizes = {name: len(images) for name, images in splits.items()}
+        if args.protocol == "santoro":
+            check_episode_shape(args.num_classes, args.presentations, sizes)
+        else:
+            check_task_shape(args.num_classes, args.num_shot, sizes)
         return splits
 
     # Rank 0 first (it may download and cache the data; a refusal is one error line), then the others.
@@ -131,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(args.model, args.num_classes, args.hidden_dim, memory_slots=args.memory_slots,
                         memory_dim=args.memory_dim, num_reads=args.num_reads).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
-    samplers = {name: SequenceSampler(splits[split], args.num_classes, args.num_shot, device, args.random_seed + i)
+    samplers = {name: make_sampler(args, splits[split], device, args.random_seed + i)
                 for i, (name, split) in enumerate(SAMPLERS)}
 
     hparams = {**{k: v for k, v in vars(args).items() if k not in {"resume", "test"}}, "precision": precision}
@@ -168,17 +207,17 @@ def open_run(world: distributed.World, run_dir: Path, hparams: dict[str, Any], r
     return run if world.is_main else distributed.FollowerRun()
 
 
-def my_tasks(batch: SequenceBatch, world: distributed.World) -> SequenceBatch:
+def my_tasks(batch: SequenceBatch | OnlineBatch, world: distributed.World) -> SequenceBatch | OnlineBatch:
     """This rank's contiguous share of a meta-batch (all of it for one process): rank r of N takes
     tasks [r*B/N, (r+1)*B/N), so the shares in rank order are the meta-batch."""
     if not world.enabled:
         return batch
     tasks = distributed.shard(0, batch.images.shape[0], world)
-    return SequenceBatch(*(t[tasks] for t in batch))  # images [B/N, K+1, N, 784], labels [B/N, K+1, N, N]
+    return type(batch)(*(t[tasks] for t in batch))  # every field [B/N, ...]
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, sampler: SequenceSampler, num_tasks: int, batch_size: int,
+def evaluate_split(model: nn.Module, sampler: TaskSampler, num_tasks: int, batch_size: int,
                    world: distributed.World, by_instance: bool = False) -> dict[str, float | list[float]]:
     """``hw1_mann.evaluate.evaluate``, with the batches split over the ranks (that very function for one process).
 
@@ -190,42 +229,40 @@ def evaluate_split(model: nn.Module, sampler: SequenceSampler, num_tasks: int, b
         return evaluate(model, sampler, num_tasks, batch_size, by_instance=by_instance)
     was_training = model.training
     model.eval()
-    mine = []  # (batch index, per-task accuracies [size], loss * size, correct queries by instance [K+1] | None)
+    mine = []  # (batch index, per-task accuracies [size], loss * size, accuracy sums by instance [I] | None)
     for index, size in enumerate(batch_sizes(num_tasks, batch_size)):
         batch = sampler.sample(size)
         if index % world.world_size != world.rank:
             continue
-        logits = model(*batch)
-        by_row = (torch.stack([prefix_accuracy(model, batch, shots).sum() for shots in range(sampler.num_shot + 1)])
-                  .cpu() if by_instance else None)
-        mine.append((index, task_accuracies(logits, batch.labels).cpu(), query_loss(logits, batch.labels).item() * size,
-                     by_row))
+        accuracies, loss_sum, by_row = batch_scores(model, batch, by_instance)
+        mine.append((index, accuracies.cpu(), loss_sum, by_row.cpu() if by_instance else None))
     model.train(was_training)
     batches = sorted(distributed.gather_lists(mine, world), key=lambda batch: batch[0])
     acc, ci95 = mean_ci95(torch.cat([accuracies for _, accuracies, _, _ in batches]).numpy())
     result: dict[str, float | list[float]] = {"acc": acc, "acc_ci95": ci95,
                                                "loss": sum(loss for _, _, loss, _ in batches) / num_tasks}
     if by_instance:  # summed where evaluate sums them (on the device), in the same order
-        by_row = torch.stack([row for _, _, _, row in batches]).to(world.device)  # [num_batches, K+1]
+        by_row = torch.stack([row for _, _, _, row in batches]).to(world.device)  # [num_batches, I]
         result["acc_by_instance"] = (by_row.sum(0) / num_tasks).tolist()
     return result
 
 
 def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, state: dict[str, Any],
-                        final_tasks: SequenceSampler, world: distributed.World, precision: str) -> dict[str, Any]:
+                        final_tasks: TaskSampler, world: distributed.World,
+                        precision: str) -> dict[str, Any]:
     """Score the checkpoint's model on ``--num_test_tasks`` test tasks: the same tasks the end of
     training scores (the "final" sampler is untouched during training), so a finished run repeats its result."""
     model.load_state_dict(state["model"])
     with autocast(world.device, precision):
         result = evaluate_split(model, final_tasks, args.num_test_tasks, args.meta_batch_size, world, by_instance=True)
     if world.is_main:
-        print(f"test ({args.num_test_tasks} tasks, step {state['step']}): query accuracy "
+        print(f"test ({args.num_test_tasks} tasks, step {state['step']}): accuracy "
               f"{result['acc']:.4f} +- {result['acc_ci95']:.4f}; by instance {result['acc_by_instance']}")
     return {"step": state["step"], **{f"test_{k}": v for k, v in result.items()}}
 
 
 def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argparse.Namespace, model: nn.Module,
-          optimizer: torch.optim.Optimizer, samplers: dict[str, SequenceSampler], world: distributed.World,
+          optimizer: torch.optim.Optimizer, samplers: dict[str, TaskSampler], world: distributed.World,
           precision: str, location: str | torch.device) -> dict[str, Any]:
     """Train to ``--train_steps`` (from the latest checkpoint on --resume), then score the final model."""
     device = world.device
@@ -250,14 +287,15 @@ def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argpars
         logger.write(f"run folder: {run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
                      + (f" ({world.world_size} processes)" if world.enabled else ""))
         train_seconds, timed_steps = 0.0, 0
+        online = args.protocol == "santoro"
         model.train()
         for step in range(start_step + 1, args.train_steps + 1):
             tic = time.perf_counter()
             # Every rank draws the whole meta-batch (so the sampler state is the same everywhere), keeps its share.
-            batch = samplers["train"].sample(args.meta_batch_size)  # images [B, K+1, N, 784], labels [B, K+1, N, N]
+            batch = samplers["train"].sample(args.meta_batch_size)  # SequenceBatch or OnlineBatch, [B, ...]
             batch = my_tasks(batch, world)  # [B/N, ...] under torchrun
             with autocast(device, precision):
-                loss = query_loss(model(*batch), batch.labels)
+                loss = sequence_loss(model(batch.images, batch.labels), batch.labels)
             # Every step, before the update: a NaN/inf loss stops the run here (exit 2, no results.json),
             # not up to --eval_freq steps later with the weights already poisoned. The mean over the
             # ranks is the whole meta-batch's loss, the same on every rank: all ranks stop together.
@@ -271,14 +309,21 @@ def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argpars
             timed_steps += 1
 
             if step % args.eval_freq == 0 or step == args.train_steps:
-                val = score("val", args.meta_batch_size)
-                test = score("test", args.meta_batch_size)
+                # Santoro et al.'s curve is by instance, and there it costs no extra forward.
+                val = score("val", args.eval_tasks, by_instance=online)
+                test = score("test", args.eval_tasks, by_instance=online)
                 record = {"step": step, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                           "test_loss": test["loss"], "test_acc": test["acc"]}
+                scalars = {"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
+                           "test/loss": test["loss"], "test/acc": test["acc"],
+                           "train/steps_per_sec": timed_steps / max(train_seconds, 1e-9)}
+                if online:
+                    record.update(val_acc_by_instance=val["acc_by_instance"],
+                                  test_acc_by_instance=test["acc_by_instance"])
+                    scalars.update({f"test/acc_instance{i}": test["acc_by_instance"][i - 1]
+                                    for i in INSTANCES if i <= args.presentations})
                 history.append(record)
-                logger.log({"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
-                            "test/loss": test["loss"], "test/acc": test["acc"],
-                            "train/steps_per_sec": timed_steps / max(train_seconds, 1e-9)}, step)
+                logger.log(scalars, step)
                 logger.advance(step, loss=train_loss, val_acc=val["acc"])
                 run.save(step, {  # refuses non-finite weights: the last good checkpoint is never pushed out
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -288,7 +333,7 @@ def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argpars
 
         final = score("final", args.num_test_tasks, by_instance=True)
         steps_per_sec = timed_steps / max(train_seconds, 1e-9)
-        logger.write(f"test ({args.num_test_tasks} tasks): query accuracy {final['acc']:.4f} +- {final['acc_ci95']:.4f}"
+        logger.write(f"test ({args.num_test_tasks} tasks): accuracy {final['acc']:.4f} +- {final['acc_ci95']:.4f}"
                      f"; by instance {[round(a, 4) for a in final['acc_by_instance']]}; {steps_per_sec:.1f} steps/s")
         metrics = {"test_acc": final["acc"], "test_acc_ci95": final["acc_ci95"], "test_loss": final["loss"],
                    "test_acc_by_instance": final["acc_by_instance"],

@@ -69,13 +69,14 @@ def assert_same_run(single: Path, parallel: Path, label: str) -> None:
 
 # ---------------------------------------------------------------------------- 2 processes = 1 process
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["lstm", "memory"])
-def test_two_processes_train_the_single_process_weights(model, omniglot_data_dir, tmp_path):
-    flags = [*TINY, "--model", model, "--train_steps", "3", "--data_dir", str(omniglot_data_dir)]
+@pytest.mark.parametrize("model, protocol", [("lstm", "course"), ("memory", "course"), ("memory", "santoro")])
+def test_two_processes_train_the_single_process_weights(model, protocol, omniglot_data_dir, tmp_path):
+    flags = [*TINY, "--model", model, "--train_steps", "3", "--data_dir", str(omniglot_data_dir),
+             "--protocol", protocol, "--presentations", "3"]
     one, two = tmp_path / "one", tmp_path / "two"
     _, parallel = succeed(Job([sys.executable, SCRIPT, *flags, "--log_dir", str(one)], tmp_path / "one.log"),
                           Job([*torchrun(2), SCRIPT, *flags, "--log_dir", str(two)], tmp_path / "two.log"))
-    assert_same_run(one, two, model)
+    assert_same_run(one, two, f"{model}, {protocol} protocol")
     assert "(2 processes)" in parallel.stdout and parallel.stdout.count("precision: ") == 1
     # Rank 0 alone wrote the run folder: the files of a single-process run, no more.
     def files(folder: Path) -> list[str]:  # TensorBoard files are named after the writing process's id
@@ -86,7 +87,7 @@ def test_two_processes_train_the_single_process_weights(model, omniglot_data_dir
     # the same weights give exactly the figures the single process reported at the end of training.
     (tested,) = succeed(Job([*torchrun(2), SCRIPT, *flags, "--log_dir", str(one), "--test"], tmp_path / "test.log"))
     expected = results(one)
-    line = (f"test (8 tasks, step 3): query accuracy {expected['test_acc']:.4f} +- {expected['test_acc_ci95']:.4f}; "
+    line = (f"test (8 tasks, step 3): accuracy {expected['test_acc']:.4f} +- {expected['test_acc_ci95']:.4f}; "
             f"by instance {expected['test_acc_by_instance']}")
     assert tested.stdout.count(line) == 1, tested.stdout[-3000:]  # printed by rank 0 alone
 

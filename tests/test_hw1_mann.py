@@ -177,14 +177,14 @@ def test_precision_is_resolved_printed_and_recorded(omniglot_data_dir, tmp_path,
 
 def test_nan_loss_stops_the_run_at_that_step(omniglot_data_dir, tmp_path, monkeypatch, capsys):
     # --eval_freq 100: the loss must be checked at every step, not only when the run evaluates.
-    real_loss, calls = train_script.query_loss, {"n": 0}
+    real_loss, calls = train_script.sequence_loss, {"n": 0}
 
     def loss_nan_at_step_3(logits, labels):
         calls["n"] += 1
         loss = real_loss(logits, labels)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_script, "query_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(train_script, "sequence_loss", loss_nan_at_step_3)
     run = tmp_path / "run"
     code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--train_steps", "10",
                                                        "--eval_freq", "100"))

@@ -1,0 +1,146 @@
+"""hw1 under Santoro et al. (2016)'s protocol: the episode sampler, labels shown one step late, the
+loss on every step, accuracy by instance from one forward, and train.py's --protocol santoro."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from common.errors import CS330Error
+from hw1_mann import train as train_script
+from hw1_mann.data import OnlineBatch, OnlineSampler, count_presentations
+from hw1_mann.evaluate import batch_scores, evaluate
+from hw1_mann.models import LSTMMANN, MemoryMANN, online_inputs, online_loss, sequence_loss
+
+# 3 classes x 4 presentations = 12-step episodes, 4 episodes per step, 2 steps.
+TINY = ["--protocol", "santoro", "--num_classes", "3", "--presentations", "4", "--meta_batch_size", "4",
+        "--hidden_dim", "8", "--train_steps", "2", "--eval_freq", "1", "--num_test_tasks", "8", "--device", "cpu"]
+
+
+def test_episodes_show_every_class_equally_often_in_a_seeded_random_order(omniglot_store):
+    split = omniglot_store.split("train")
+    batch = OnlineSampler(split, num_classes=3, presentations=4, seed=7).sample(5)
+    assert batch.images.shape == (5, 12, 784) and batch.labels.shape == (5, 12) and batch.instance.shape == (5, 12)
+    assert torch.equal(torch.nn.functional.one_hot(batch.labels, 3).sum(1), torch.full((5, 3), 4))
+    assert len({tuple(row.tolist()) for row in batch.labels}) > 1  # each episode its own order
+    for b in range(5):
+        for label in range(3):
+            steps = batch.labels[b] == label
+            assert batch.instance[b, steps].tolist() == [1, 2, 3, 4]  # 1st..4th presentation, in order
+            drawings = batch.images[b, steps]  # [4, 784]: four different drawings of the character
+            assert all(not torch.equal(drawings[i], drawings[j]) for i in range(4) for j in range(i + 1, 4))
+    again = OnlineSampler(split, num_classes=3, presentations=4, seed=7).sample(5)
+    assert all(torch.equal(x, y) for x, y in zip(batch, again))
+
+
+def test_presentation_counts():
+    labels = torch.tensor([[2, 0, 2, 2, 0, 1]])
+    assert count_presentations(labels, 3).tolist() == [[1, 1, 2, 3, 2, 1]]
+
+
+def test_impossible_episodes_are_refused(omniglot_store):
+    with pytest.raises(CS330Error, match="--presentations 21"):
+        OnlineSampler(omniglot_store.split("train"), num_classes=5, presentations=21)
+    with pytest.raises(CS330Error, match="at least 2"):
+        OnlineSampler(omniglot_store.split("train"), num_classes=1, presentations=10)
+
+
+def test_each_label_arrives_one_step_after_its_image():
+    images, labels = torch.rand(2, 5, 784), torch.tensor([[0, 2, 1, 1, 0], [1, 1, 0, 2, 2]])
+    steps = online_inputs(images, labels, 3)  # [2, 5, 787]
+    assert torch.equal(steps[..., :784], images)
+    assert torch.equal(steps[:, 0, 784:], torch.zeros(2, 3))
+    assert torch.equal(steps[:, 1:, 784:], torch.nn.functional.one_hot(labels[:, :-1], 3).float())
+    with pytest.raises(CS330Error, match="3-way"):
+        online_inputs(images, labels + 1, 3)
+    with pytest.raises(CS330Error, match=r"labels \[B, T\]"):
+        online_inputs(images, labels[:, :4], 3)
+
+
+@pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN])
+def test_a_prediction_never_sees_its_own_label(model_cls):
+    torch.manual_seed(0)
+    model = model_cls(3, hidden_dim=16)
+    images, labels = torch.rand(2, 8, 784), torch.randint(0, 3, (2, 8))
+    logits = model(images, labels)
+    assert logits.shape == (2, 8, 3)
+    later = labels.clone()
+    later[:, 4:] = (later[:, 4:] + 1) % 3  # labels of step 4 on: seen from step 5 on
+    changed = model(images, later)
+    assert torch.equal(changed[:, :5], logits[:, :5])
+    assert not torch.equal(changed[:, 5:], logits[:, 5:])
+    # Every step is in the loss, the first one included.
+    assert sequence_loss(logits, labels) == online_loss(logits, labels)
+    first_changed = logits.detach().clone()
+    first_changed[:, 0] += torch.tensor([5.0, 0.0, 0.0])
+    assert online_loss(first_changed, labels) != online_loss(logits, labels)
+
+
+class WrongOnFirstSight(nn.Module):
+    """Answers every step right except a class's first presentation, where it answers the next class."""
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        first = count_presentations(labels, 3) == 1
+        answer = torch.where(first, (labels + 1) % 3, labels)
+        return torch.nn.functional.one_hot(answer, 3).float()
+
+
+def test_accuracy_by_instance_groups_the_steps_of_one_forward(omniglot_store):
+    sampler = OnlineSampler(omniglot_store.split("val"), num_classes=3, presentations=4, seed=1)
+    batch = sampler.sample(6)
+    accuracies, loss_sum, by_instance = batch_scores(WrongOnFirstSight(), batch, by_instance=True)
+    assert torch.allclose(accuracies, torch.full((6,), 9 / 12))  # 3 of 12 steps are first presentations
+    assert by_instance.tolist() == [0.0, 6.0, 6.0, 6.0]  # summed over the 6 episodes
+    assert loss_sum > 0
+    result = evaluate(WrongOnFirstSight(), sampler, num_tasks=10, batch_size=4, by_instance=True)
+    assert result["acc_by_instance"] == [0.0, 1.0, 1.0, 1.0] and result["acc"] == pytest.approx(0.75)
+    assert isinstance(batch, OnlineBatch)
+
+
+def test_train_script_runs_the_protocol_and_names_it(omniglot_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CS330_RUNS_DIR", str(tmp_path / "runs"))
+    metrics = train_script.main(["--data_dir", str(omniglot_data_dir), *TINY, "--model", "memory",
+                                 "--memory_slots", "8"])
+    (run,) = (tmp_path / "runs" / "hw1_mann").iterdir()
+    assert run.name.startswith("memory_santoro_N3_P4_B4_") and "_K" not in run.name
+    assert len(metrics["test_acc_by_instance"]) == 4  # 1st..4th presentation
+    assert all(len(record["test_acc_by_instance"]) == 4 for record in metrics["history"])
+    assert json.loads((run / "hparams.json").read_text())["protocol"] == "santoro"
+    # The run extends with --resume (the evaluation sizes may change), and --test repeats its figures.
+    extended = train_script.main(["--data_dir", str(omniglot_data_dir), *TINY, "--model", "memory",
+                                  "--memory_slots", "8", "--train_steps", "3", "--eval_tasks", "2", "--resume"])
+    assert extended["steps"] == 3 and extended["history"][-1]["step"] == 3
+    retest = train_script.main(["--data_dir", str(omniglot_data_dir), *TINY, "--model", "memory",
+                                "--memory_slots", "8", "--train_steps", "3", "--eval_tasks", "2", "--test"])
+    assert retest["test_acc_by_instance"] == extended["test_acc_by_instance"]
+
+
+def test_too_many_presentations_are_refused_before_the_run_folder(omniglot_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        train_script.main(["--data_dir", str(omniglot_data_dir), "--log_dir", str(tmp_path / "run"), *TINY,
+                           "--presentations", "21"])
+    assert info.value.code == 2 and "--presentations 21" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_has_the_paper_table_and_the_plot(tmp_path):
+    import pandas as pd
+
+    from hw1_mann import experiments
+
+    rows = []
+    for _, model, shots, ways, hidden, seed in experiments.SANTORO:
+        level = {"lstm": 0.5, "memory": 0.9}[model] + (seed - 124) / 100  # seeds 123..125: level -+ 0.01
+        by_instance = [0.2] + [level] * 9
+        history = [{"step": step, "test_acc_by_instance": by_instance} for step in (200, 400)]
+        rows.append({"name": experiments.run_name(model, shots, ways, hidden, seed), "test_acc": level,
+                     "test_acc_ci95": 0.01, "test_acc_by_instance": by_instance, "steps_per_sec": 4.0,
+                     "history": history})
+    text = experiments.report_for("cpu")(pd.DataFrame(rows), tmp_path)
+    assert "| **memory, mean ± std** | 3 seeds | **20.0 ± 0.0** | **90.0 ± 1.0** |" in text
+    assert "| lstm, Santoro et al. table 1 | | 24.4 | 49.5 | 55.3 | 61.0 | 63.6 | 62.5 | | |" in text
+    assert "192,000 episodes" in text and "± 1.4 points" in text
+    assert (tmp_path / "santoro_by_instance.png").stat().st_size > 0
