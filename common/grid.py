@@ -28,6 +28,7 @@ Ctrl-C stops the grid. ``--only`` picks configurations, ``--dry_run`` prints the
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import gc
 import importlib
@@ -177,9 +178,20 @@ def run_grid(configs: Sequence[Config], root: str | Path, run_flags: Sequence[st
             failed[config.name] = reason
             failed_folders.setdefault(config.run_folder, config.name)
         else:
-            record[config.name] = flags
-            write_json(record_path, record)
+            record = remember(record_path, config.name, flags)
     return failed
+
+
+def remember(record_path: Path, name: str, flags: list[str]) -> dict[str, list[str]]:
+    """Add a finished configuration to the grid's record and return the record. Read again under a
+    lock: ``--only`` workers running one grid side by side each finish runs, and a record read when
+    a worker started would drop the others' entries when it is written back."""
+    with open(record_path.with_name(RECORD + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record[name] = flags
+        write_json(record_path, record)
+    return record
 
 
 def lookup(frame: pd.DataFrame, name: str, column: str, default: Any = None) -> Any:

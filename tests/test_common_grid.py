@@ -146,3 +146,17 @@ def test_every_experiments_script_builds_its_grid(module, tmp_path, capsys):
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].endswith(f"preset {preset}, in {tmp_path / preset}")
         assert len(lines) > 1 and all(line.startswith("[run] ") for line in lines[1:])
+
+
+def test_side_by_side_workers_keep_each_others_record(tmp_path):
+    # A second --only worker on the same grid finishes "other" while this worker runs lr0.1: the
+    # record this worker writes afterwards must keep it.
+    script = FakeScript()
+
+    def run_and_meanwhile_another_worker_finishes(argv: list[str]) -> None:
+        write_json(tmp_path / "grid.json", {"other": ["--lr", "0.9"]})
+        script(argv)
+
+    configs = [Config("lr0.1", run_and_meanwhile_another_worker_finishes, ["--lr", "0.1"])]
+    assert run_grid(configs, tmp_path) == {}
+    assert json.loads((tmp_path / "grid.json").read_text()) == {"other": ["--lr", "0.9"], "lr0.1": ["--lr", "0.1"]}
