@@ -131,4 +131,6 @@ def count_presentations(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (one_hot.cumsum(dim=1) * one_hot).sum(-1)
 
 
-TaskSampler = SequenceSampler | OnlineSampler  # the sampler of either protocol
+# Either protocol's sampler and meta-batch.
+TaskSampler = SequenceSampler | OnlineSampler
+TaskBatch = SequenceBatch | OnlineBatch

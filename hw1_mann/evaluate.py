@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from common.stats import mean_ci95
-from hw1_mann.data import OnlineBatch, SequenceBatch, TaskSampler
+from hw1_mann.data import OnlineBatch, SequenceBatch, TaskBatch, TaskSampler
 from hw1_mann.models import online_loss, query_loss
 
 
@@ -20,7 +20,7 @@ def batch_sizes(num_tasks: int, batch_size: int) -> list[int]:
     return [batch_size] * (num_tasks // batch_size) + ([num_tasks % batch_size] if num_tasks % batch_size else [])
 
 
-def batch_scores(model: nn.Module, batch: SequenceBatch | OnlineBatch,
+def batch_scores(model: nn.Module, batch: TaskBatch,
                  by_instance: bool = False) -> tuple[torch.Tensor, float, torch.Tensor | None]:
     """Per-task accuracies ``[B]``, the summed loss (mean loss * B), and with ``by_instance`` the
     per-task accuracy on a class's 1st, 2nd, ... presentation summed over the tasks ``[I]``.

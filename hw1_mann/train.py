@@ -17,7 +17,7 @@ every image with the label of the step before, and a loss on every step (``hw1_m
 accuracy by instance is then the accuracy on a class's 1st, 2nd, ... presentation within the episode.
 
 The run folder follows ``common.run.RunFolder``: one run at a time per folder, ``--resume`` only
-with the run's flags (``--train_steps``, ``--eval_freq`` and ``--num_test_tasks`` may change), the
+with the run's flags (``--train_steps``, ``--eval_freq``, ``--eval_tasks`` and ``--num_test_tasks`` may change), the
 loss checked for NaN/inf at every step, and no checkpoint ever written with non-finite weights.
 
     torchrun --standalone --nproc_per_node=2 hw1_mann/train.py ...   # data-parallel, same result
@@ -54,21 +54,13 @@ from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
 from common.stats import mean_ci95
-from hw1_mann.data import (
-    OnlineBatch,
-    OnlineSampler,
-    SequenceBatch,
-    SequenceSampler,
-    TaskSampler,
-    check_episode_shape,
-    check_task_shape,
-)
+from hw1_mann.data import OnlineSampler, SequenceSampler, TaskBatch, TaskSampler, check_episode_shape, check_task_shape
 from hw1_mann.evaluate import batch_scores, batch_sizes, evaluate
 from hw1_mann.models import build_model, sequence_loss
 
 HOMEWORK = "hw1_mann"
 # Flags a --resume (or --test) may change besides common.cli.RUN_ONLY_FLAGS: the run length, the
-# evaluation interval and the number of final test tasks do not change the weights trained so far.
+# evaluation interval and the numbers of tasks scored do not change the weights trained so far.
 RESUMABLE_FLAGS = ("train_steps", "eval_freq", "eval_tasks", "num_test_tasks")
 FP32_BECAUSE = "hw1's LSTM/memory models were not measured faster in bf16"
 # The samplers of a run: each its own seeded generator, so validation never shifts the training data
@@ -207,7 +199,7 @@ def open_run(world: distributed.World, run_dir: Path, hparams: dict[str, Any], r
     return run if world.is_main else distributed.FollowerRun()
 
 
-def my_tasks(batch: SequenceBatch | OnlineBatch, world: distributed.World) -> SequenceBatch | OnlineBatch:
+def my_tasks(batch: TaskBatch, world: distributed.World) -> TaskBatch:
     """This rank's contiguous share of a meta-batch (all of it for one process): rank r of N takes
     tasks [r*B/N, (r+1)*B/N), so the shares in rank order are the meta-batch."""
     if not world.enabled:
@@ -248,8 +240,7 @@ def evaluate_split(model: nn.Module, sampler: TaskSampler, num_tasks: int, batch
 
 
 def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, state: dict[str, Any],
-                        final_tasks: TaskSampler, world: distributed.World,
-                        precision: str) -> dict[str, Any]:
+                        final_tasks: TaskSampler, world: distributed.World, precision: str) -> dict[str, Any]:
     """Score the checkpoint's model on ``--num_test_tasks`` test tasks: the same tasks the end of
     training scores (the "final" sampler is untouched during training), so a finished run repeats its result."""
     model.load_state_dict(state["model"])
