@@ -96,3 +96,26 @@ def test_two_processes_fine_tune_a_causal_lm_as_one(tmp_path):
     single, parallel = tmp_path / "one", tmp_path / "two"
     succeed(start(1, argv, single), start(2, argv, parallel))
     assert_same_training(single, parallel, "train/loss_k4_lora4_s1")
+
+
+def gpt2_without_dropout(folder: Path, tmp_path_factory) -> Path:
+    """The tiny random GPT-2 of tests/test_hw3_tiny_models.py (Conv1D projections, no pad token,
+    absolute positions) with dropout off, for the reason given in :func:`minilm_without_dropout`."""
+    from tests.test_hw3_tiny_models import tiny_model_folders
+
+    shutil.copytree(tiny_model_folders(tmp_path_factory.getbasetemp() / "hw3_tiny_models")["gpt2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_two_processes_fine_tune_gpt2_with_lora_as_one(tmp_path, tmp_path_factory):
+    """GPT-2's LoRA (fan_in_fan_out on Conv1D) under torchrun: no offline package needed."""
+    data = write_tiny_data(tmp_path / "data")
+    model = gpt2_without_dropout(tmp_path / "tiny_gpt2", tmp_path_factory)
+    argv = [*TINY, "--model", str(model), "--dataset", "babi", "--data_dir", str(data), "--n_eval", "3", "--k", "4",
+            "--mode", "lora4"]
+    single, parallel = tmp_path / "one", tmp_path / "two"
+    succeed(start(1, argv, single), start(2, argv, parallel))
+    assert_same_training(single, parallel, "train/loss_k4_lora4_s1")
