@@ -59,7 +59,7 @@ from hw3_lm_fewshot.cli import (
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import encode_prompt, generate_answers, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import ModelSpec, count_parameters, resolve_model, transformer_blocks
+from hw3_lm_fewshot.models import ModelSpec, count_parameters, model_skeleton, resolve_model, transformer_blocks
 from hw3_lm_fewshot.prompts import DEFAULT_PROMPT, MAX_NEW_TOKENS, PROMPTS, answer_text, build_prompt
 
 MODE_HELP = "all, first, last, middle, loraN (N = LoRA rank, e.g. lora4, lora16)"
@@ -94,7 +94,22 @@ def lora_target_regex(model: nn.Module) -> str:
 
     blocks_name, blocks = transformer_blocks(model)
     relative = sorted({name for name, module in blocks[0].named_modules() if isinstance(module, (nn.Linear, Conv1D))})
+    if not relative:
+        raise CS330Error(f"the blocks {blocks_name}.N of {type(model).__name__} hold no nn.Linear or Conv1D "
+                         "projection to put LoRA adapters on: choose another --mode")
     return rf"^{re.escape(blocks_name)}\.\d+\.({'|'.join(re.escape(name) for name in relative)})$"
+
+
+def check_mode_fits(model: nn.Module | None, mode: str) -> None:
+    """Fail now if ``model`` (a :func:`~hw3_lm_fewshot.models.model_skeleton`: no weights) has no blocks
+    or projections that ``mode`` needs (None: a GGUF model, checked when it loads)."""
+    kind, _ = parse_mode(mode)
+    if model is None or kind == "all":
+        return
+    if kind == "lora":
+        lora_target_regex(model)
+    else:
+        selected_blocks(len(transformer_blocks(model)[1]), kind)
 
 
 def apply_mode(model: nn.Module, mode: str, classifier: bool) -> nn.Module:
@@ -320,6 +335,7 @@ def load_inputs(args: argparse.Namespace, model_name: str) -> tuple[ModelSpec, T
     task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     for k in args.k:
         sample_support(task, k, args.seed)
+    check_mode_fits(model_skeleton(spec, args.dataset == "amazon"), args.mode)  # the config alone, no weights
     load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy; this one checks
     return spec, task
 

@@ -46,7 +46,7 @@ from hw3_lm_fewshot.cli import (
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_answers, next_token_logits, prefix_cache
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import resolve_model
+from hw3_lm_fewshot.models import model_skeleton, resolve_model
 from hw3_lm_fewshot.prompts import (
     MAX_NEW_TOKENS,
     PROMPTS,
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     for k in args.k:
         sample_support(task, k, args.seed)
+    model_skeleton(spec, classifier=False)  # a causal LM? from the config alone, before any weights
     seed_everything(args.seed)
     model, tokenizer = load_model(spec, classifier=False)
     model.to(device).eval()

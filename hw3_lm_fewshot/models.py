@@ -114,7 +114,9 @@ def _load_pretrained(auto_cls, spec: ModelSpec, **kwargs):
     quiet_transformers()
     try:
         if spec.gguf_file is None:
-            return auto_cls.from_pretrained(spec.path, **kwargs), AutoTokenizer.from_pretrained(spec.path)
+            config = read_config(spec, **kwargs)  # a config without model_type is read by name (read_config)
+            return (auto_cls.from_pretrained(spec.path, config=config),
+                    AutoTokenizer.from_pretrained(spec.path, config=config))
         cache = _gguf_cache_dir(spec) if spec.version else None
         if cache is not None and (cache / "config.json").exists():
             return auto_cls.from_pretrained(cache, **kwargs), AutoTokenizer.from_pretrained(cache)
@@ -147,17 +149,40 @@ def _save_dequantized(model, tokenizer, cache: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_config(spec: ModelSpec, **kwargs):
+    """The model's config: config.json alone (no weights are read, none downloaded).
+
+    Old hub checkpoints (the course's prajjwal1/bert-tiny and bert-medium) have no ``model_type`` in
+    config.json; transformers 4 guessed it from the name, transformers 5 refuses them. The guess is
+    made here as it was then: the longest known model type that the name contains.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if spec.gguf_file is None and Path(spec.path).is_dir() and not (Path(spec.path) / "config.json").exists():
+        raise CS330Error(f"the model folder {spec.path} holds no config.json: save the model there with "
+                         "save_pretrained, or give a hub id")
+    try:
+        return AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file, **kwargs)
+    except OSError as err:
+        raise CS330Error(f"could not read the config of model {spec.name!r}: {err}\n"
+                         f"Choices: {_choices_text()}") from None
+    except ValueError as err:
+        if "`model_type` key" not in str(err):
+            raise CS330Error(f"model {spec.name!r}: {str(err).splitlines()[0]}") from None
+    name = (Path(spec.path).name if Path(spec.path).is_dir() else spec.path).lower()
+    guess = next((t for t in sorted(CONFIG_MAPPING.keys(), key=len, reverse=True) if t in name), None)
+    if guess is None:
+        raise CS330Error(f"the config.json of model {spec.name!r} has no \"model_type\" and its name contains no "
+                         f"model type transformers knows: add one (e.g. \"model_type\": \"bert\") to it")
+    return CONFIG_MAPPING[guess].from_pretrained(spec.path, **kwargs)
+
+
 def model_kind(spec: ModelSpec) -> str:
     """"encoder" or "causal", from the registry or the model's config."""
     if spec.kind is not None:
         return spec.kind
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
-    except OSError as err:
-        raise CS330Error(f"could not read the config of model {spec.name!r}: {err}\n"
-                         f"Choices: {_choices_text()}") from None
+    config = read_config(spec)
     architectures = " ".join(config.architectures or [])
     return "causal" if ("CausalLM" in architectures or "LMHead" in architectures) else "encoder"
 
@@ -186,15 +211,46 @@ def load_causal_lm(spec: ModelSpec):
     return model, tokenizer
 
 
+def model_skeleton(spec: ModelSpec, classifier: bool) -> nn.Module | None:
+    """The model as its config describes it, built on the meta device: every module, no weights read
+    or downloaded, so that what a run needs of it (blocks, projections) is checked before the weights
+    are fetched. A GGUF model's config comes with its weights in one local file: None."""
+    if spec.gguf_file is not None:
+        return None
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = read_config(spec)
+    if getattr(config, "is_encoder_decoder", False):
+        raise CS330Error(f"model {spec.name!r} is an encoder-decoder ({config.model_type}); hw3 takes an encoder "
+                         "(BERT-style, amazon) or a decoder-only causal LM (GPT-2, Llama-style)")
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except ValueError:
+        head, need = (("sequence-classification", "amazon needs a classification head") if classifier
+                      else ("causal-LM", "babi and xsum need a causal LM"))
+        raise CS330Error(f"transformers has no {head} class for model {spec.name!r} (model type "
+                         f"{config.model_type}): {need}") from None
+
+
 def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The list of transformer blocks of any BERT / GPT-2 / Llama-style model, found generically:
-    the longest ``nn.ModuleList`` whose length is the config's layer count."""
+    the ``nn.ModuleList`` with the config's layer count and the shortest name (one, or it is ambiguous)."""
+    what = type(model).__name__
     num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    if not num_layers:
+        raise CS330Error(f"the config of {what} has no layer count (num_hidden_layers or n_layer), so its "
+                         "transformer blocks cannot be found: use --mode all")
     candidates = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, nn.ModuleList) and len(module) == num_layers]
     if not candidates:
-        raise CS330Error(f"could not find the {num_layers} transformer blocks of {type(model).__name__}")
-    return min(candidates, key=lambda item: len(item[0]))
+        raise CS330Error(f"{what} has no list of {num_layers} modules (its transformer blocks): use --mode all")
+    shortest = min(len(name) for name, _ in candidates)
+    if len(top := [item for item in candidates if len(item[0]) == shortest]) > 1:
+        raise CS330Error(f"{what} has several lists of {num_layers} blocks ({', '.join(n for n, _ in top)}): "
+                         "which blocks first/middle/last mean is ambiguous; use --mode all")
+    return top[0]
 
 
 def context_length(model: nn.Module) -> int:

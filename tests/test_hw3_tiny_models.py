@@ -12,6 +12,7 @@ loaded through ``--model PATH``: the path a hub name takes after its download.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,117 @@ def test_every_mode_fine_tunes_end_to_end(tiny_models, arch, task, monkeypatch):
             assert {n for n in every if n.startswith(BLOCK_LISTS[arch])} | head <= changed
         else:  # the base weights stay as loaded
             assert changed == set(), mode
+
+
+# ---------------------------------------------------------------------------- any model a user names
+def old_hub_layout(folder: Path, target: Path) -> Path:
+    """``folder`` as prajjwal1/bert-tiny and bert-medium are stored on the hub: config.json without
+    ``model_type`` or ``architectures``, the tokenizer as vocab.txt alone."""
+    import json
+    import shutil
+
+    target.mkdir(parents=True)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("model_type", "architectures", "transformers_version"):
+        config.pop(key, None)
+    (target / "config.json").write_text(json.dumps(config))
+    shutil.copy(folder / "model.safetensors", target)
+    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
+    (target / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)))
+    return target
+
+
+def test_a_bert_without_model_type_loads_by_its_name_as_transformers_4_did(tiny_models, tmp_path):
+    """transformers 5 refuses a config.json without model_type (the course's bert-tiny / bert-medium);
+    the name says BERT, so it loads as BERT, with the same weights and tokens as the modern folder."""
+    from hw3_lm_fewshot.models import model_kind, resolve_model
+
+    old = old_hub_layout(tiny_models["bert"], tmp_path / "prajjwal1-bert-tiny")
+    assert model_kind(resolve_model(str(old))) == "encoder"
+    (model, tokenizer), (reference, reference_tokenizer) = load(old, True), load(tiny_models["bert"], True)
+    assert type(model) is type(reference) and transformer_blocks_of(model) == "bert.encoder.layer"
+    text = "Anna walked to the attic. Where is Anna?"
+    assert tokenizer(text)["input_ids"] == reference_tokenizer(text)["input_ids"]
+    # the head (and BERT's pooler: the saved model is a masked LM, which has none) start random
+    body = {n: p for n, p in model.named_parameters() if not n.startswith(("classifier", "bert.pooler"))}
+    for name, p in reference.named_parameters():
+        if name in body:
+            torch.testing.assert_close(body[name], p)
+    from common.errors import CS330Error
+
+    nameless = old_hub_layout(tiny_models["bert"], tmp_path / "mystery")
+    with pytest.raises(CS330Error, match=r'has no "model_type" and its name contains no model type'):
+        load(nameless, True)
+
+
+def transformer_blocks_of(model: nn.Module) -> str:
+    from hw3_lm_fewshot.models import transformer_blocks
+
+    return transformer_blocks(model)[0]
+
+
+def config_only(config, folder: Path) -> Path:
+    """A model folder holding config.json and no weights: a check that passes on it read no weights."""
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("config, argv, message", [
+    ("albert", ["--dataset", "amazon", "--mode", "last"],
+     r"AlbertForSequenceClassification has no list of 4 modules \(its transformer blocks\): use --mode all"),
+    ("albert", ["--dataset", "amazon", "--mode", "lora4"], "has no list of 4 modules"),
+    ("t5", ["--dataset", "babi", "--mode", "lora4"], r"is an encoder-decoder \(t5\); hw3 takes an encoder"),
+    ("bert", ["--dataset", "babi", "--mode", "last"], "is an encoder, but this task generates text"),
+])
+def test_an_architecture_without_blocks_is_refused_from_its_config_alone(tmp_path, capsys, config, argv, message):
+    """ALBERT shares one block across its layers (no list of blocks to pick two from); T5 is an
+    encoder-decoder. Refused in one line, exit 2, from config.json alone (the folders hold no weights)."""
+    from transformers import AlbertConfig, BertConfig, T5Config
+
+    from hw3_lm_fewshot import ft
+    from tests.test_hw3_unit import write_tiny_data
+
+    configs = {"albert": AlbertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                      intermediate_size=64, embedding_size=16),
+               "t5": T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16),
+               "bert": BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                  architectures=["BertForMaskedLM"])}
+    folder = config_only(configs[config], tmp_path / config)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        ft.main(["--model", str(folder), *argv, "--k", "1", "--n_eval", "3", "--device", "cpu", "--threads", "1",
+                 "--data_dir", str(write_tiny_data(tmp_path / "data")), "--log_dir", str(run_dir)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and not run_dir.exists()
+    assert re.search(message, errors[0]), errors[0]
+
+
+def test_blocks_and_projections_that_are_missing_are_named():
+    from types import SimpleNamespace
+
+    from common.errors import CS330Error
+    from hw3_lm_fewshot.ft import check_mode_fits
+
+    class Shared(nn.Module):  # one block applied n times, as ALBERT
+        config = SimpleNamespace(num_hidden_layers=3)
+
+    class NoProjections(nn.Module):
+        config = SimpleNamespace(num_hidden_layers=2)
+
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.LayerNorm(4), nn.LayerNorm(4)])
+
+    class TwoStacks(NoProjections):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)])  # a name as short as "layers"
+
+    check_mode_fits(Shared(), "all")
+    with pytest.raises(CS330Error, match="Shared has no list of 3 modules"):
+        check_mode_fits(Shared(), "first")
+    check_mode_fits(NoProjections(), "middle")
+    with pytest.raises(CS330Error, match=r"the blocks layers.N of NoProjections hold no nn.Linear or Conv1D"):
+        check_mode_fits(NoProjections(), "lora4")
+    with pytest.raises(CS330Error, match=r"several lists of 2 blocks \(layers, blocks\)"):
+        check_mode_fits(TwoStacks(), "last")

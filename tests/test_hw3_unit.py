@@ -326,6 +326,7 @@ def offline(tmp_path, monkeypatch):
     model_dir.mkdir()
     for module in (ft, icl):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: (StandIn(), None))
+        monkeypatch.setattr(module, "model_skeleton", lambda *a, **k: None)  # no config to read
     return {"data": write_tiny_data(tmp_path / "data"), "model": model_dir, "runs": tmp_path / "runs"}
 
 
@@ -407,8 +408,8 @@ def test_failures_before_training_leave_no_run_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
     common = ["--data_dir", str(data), "--device", "cpu", "--threads", "1", "--log_dir", str(run_dir), "--n_eval", "5"]
     cases = [
-        (ft.main, ["--model", str(no_model_type), "--k", "1", *common], "could not load model"),
-        (icl.main, ["--model", str(no_model_type), "--k", "1", *common, "--n_eval", "2"], "could not load model"),
+        (ft.main, ["--model", str(no_model_type), "--k", "1", *common], 'has no "model_type"'),
+        (icl.main, ["--model", str(no_model_type), "--k", "1", *common, "--n_eval", "2"], 'has no "model_type"'),
         (ft.main, ["--model", str(no_model_type), "--k", "4", *common], "k=4 per class needs 4 reviews"),
         (ft.main, ["--model", str(no_model_type), "--k", "1", *common, "--n_eval", "30"],
          "6 evaluation reviews per class, but the smallest class has 4"),
