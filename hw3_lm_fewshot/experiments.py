@@ -14,6 +14,9 @@ Parts (``--parts`` picks some; the grid is in CPU / COURSE / SMOKE below):
 - ``babi_order``: ICL at k = 16 with 5 orderings of each seed's support set.
 - ``xsum_icl`` (prompts none / tldr / custom, k = 0, 1, 4) against ``xsum_ft`` (lora16, last).
 - ``bf16``: bAbI ICL at k = 4 again under bf16 autocast (``course``: a fine-tuning setting too).
+- ``amazon_calib``, ``babi_calib``: the ICL settings of ``amazon_icl`` / ``babi_icl`` scored by label
+  likelihood with contextual calibration (``icl.py --calibrate``; each run also keeps the
+  uncalibrated label-scored result, so the table pairs the two on the same support sets).
 ICL runs use ``--support fixed``: one support set per seed, shared by every query and read once,
 as fine-tuning trains on one support set per seed (so a seed's spread means the same thing for
 both). Each cell is the mean ± std over 3 seeds (k = 0 ICL: one run, greedy answers do not depend
@@ -46,7 +49,8 @@ from hw3_lm_fewshot.cli import print_table, summarize  # noqa: E402
 from hw3_lm_fewshot.metrics import TASK_METRIC  # noqa: E402
 
 HOMEWORK = "hw3_lm_fewshot"
-PARTS = ("amazon_ft", "amazon_icl", "babi_icl", "babi_order", "babi_ft", "xsum_icl", "xsum_ft", "bf16")
+PARTS = ("amazon_ft", "amazon_icl", "babi_icl", "babi_order", "babi_ft", "xsum_icl", "xsum_ft", "bf16",
+         "amazon_calib", "babi_calib")
 ENCODER_MODES = ["all", "last", "first", "middle", "lora4", "lora16"]
 # part -> what it runs; "steps" = (--max_steps, --early_stop_acc): the run stops once the support
 # set is fitted (classification accuracy / answer-token accuracy on up to 32 support examples)
@@ -61,6 +65,8 @@ CPU = {
     # bAbI ICL at k = 4 again under bf16 autocast, against its fp32 run above; training in bf16 was
     # 1.5-2.0x slower per step on this CPU (README), so it is not rerun here (the course preset does)
     "bf16": {"icl": ("babi", "qa", 4)},
+    "amazon_calib": {"k": [0, 1, 4], "prompts": ["qa"]},
+    "babi_calib": {"k": [0, 1, 4, 16], "prompts": ["qa"]},
 }
 COURSE = {**CPU, "bf16": {"icl": ("babi", "qa", 4), "ft": ("babi", "lora16", 8)},
           "babi_ft": {**CPU["babi_ft"], "k": [1, 8, 64, 128], "steps": (100, 1.0)},
@@ -75,6 +81,8 @@ SMOKE = {
     "xsum_icl": {"k": [0, 1], "prompts": ["tldr", "custom"]},
     "xsum_ft": {"k": [1], "modes": ["lora16"], "steps": (5, 1.0)},
     "bf16": {"icl": ("babi", "qa", 1), "ft": ("babi", "lora4", 8)},
+    "amazon_calib": {"k": [0, 1], "prompts": ["qa"]},
+    "babi_calib": {"k": [0, 4], "prompts": ["qa"]},
 }
 PRESETS = {  # grid, models, evaluation examples per task, repeats (seeds 0, 1, ...)
     "smoke": {"grid": SMOKE, "encoder": "minilm", "lm": "smollm2", "n_eval": {"amazon": 50, "babi": 20, "xsum": 10},
@@ -100,11 +108,12 @@ def ft_config(sizes: dict, part: str, task: str, mode: str, k: int, steps: tuple
 
 
 def icl_config(sizes: dict, part: str, task: str, prompt: str, k: int, orderings: int = 1,
-               precision: str | None = None) -> Config:
+               precision: str | None = None, calibrate: bool = False) -> Config:
     repeats = 1 if k == 0 else sizes["repeats"]  # no support: greedy answers do not depend on the seed
     argv = ["--model", sizes["lm"], "--dataset", task, "--prompt", prompt, "--k", str(k), "--support", "fixed",
             "--n_eval", str(sizes["n_eval"][task]), "--repeats", str(repeats), "--orderings", str(orderings)]
     argv += ["--precision", precision] if precision else []
+    argv += ["--calibrate"] if calibrate else []
     name = f"{part}_{sizes['lm']}_{prompt}_k{k}" + (f"_{precision}" if precision else "")
     return Config(name, ICL, argv, tags={"task": task, "part": part})
 
@@ -114,8 +123,9 @@ def part_configs(part: str, sizes: dict) -> list[Config]:
     task = part.split("_")[0]
     if part.endswith("_ft"):
         return [ft_config(sizes, part, task, mode, k, grid["steps"]) for mode in grid["modes"] for k in grid["k"]]
-    if part.endswith("_icl"):
-        return [icl_config(sizes, part, task, prompt, k) for prompt in grid["prompts"] for k in grid["k"]]
+    if part.endswith(("_icl", "_calib")):
+        return [icl_config(sizes, part, task, prompt, k, calibrate=part.endswith("_calib"))
+                for prompt in grid["prompts"] for k in grid["k"]]
     if part == "babi_order":
         return [icl_config(sizes, part, "babi", "qa", grid["k"], orderings=grid["orderings"])]
     (icl_task, prompt, icl_k) = grid["icl"]
@@ -234,6 +244,19 @@ def bf16_table(bf16: list[dict], fp32: list[dict], write) -> None:
                   f"| {a['seconds']:.0f} | {b['seconds']:.0f} |")
 
 
+def calibration_table(results: list[dict], metric: str, write) -> None:
+    """Per k: the label-scored result without and with contextual calibration (the same runs, so the
+    same support sets), and their paired difference (mean ± sample std over seeds)."""
+    write(f"| k | seeds | label-scored {metric} | calibrated | calibrated - uncalibrated | s/run |")
+    write("|---:|---:|---:|---:|---:|---:|")
+    for k in sorted({r["k"] for r in results}):
+        runs = [r for r in results if r["k"] == k]
+        plain, calibrated = (np.array([r[key] for r in runs]) for key in ("uncalibrated_score", "score"))
+        spread = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in (plain, calibrated, calibrated - plain)]
+        write(f"| {k} | {len(runs)} | {plain.mean():.3f} ± {spread[0]:.3f} | {calibrated.mean():.3f} ± {spread[1]:.3f} "
+              f"| {(calibrated - plain).mean():+.3f} ± {spread[2]:.3f} | {np.mean([r['seconds'] for r in runs]):.0f} |")
+
+
 def report_for(parts: list[str], sizes: dict):
     def report(frame: pd.DataFrame, out: Path) -> str:
         lines, everything = [], {}
@@ -246,6 +269,8 @@ def report_for(parts: list[str], sizes: dict):
                 order_table(results, lines.append)
             elif part == "bf16":  # its settings are bAbI runs of babi_icl / babi_ft in fp32
                 bf16_table(results, everything.get("babi_icl", []) + everything.get("babi_ft", []), lines.append)
+            elif part.endswith("_calib"):
+                calibration_table(results, TASK_METRIC[results[0]["task"]], lines.append)
             else:
                 print_table(summarize(results), TASK_METRIC[results[0]["task"]], lines.append)
             lines.append("")

@@ -43,7 +43,7 @@ from hw3_lm_fewshot.cli import (
     parse_k_list,
     run_dir_for,
 )
-from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, TaskData, load_task, sample_support
+from hw3_lm_fewshot.data import TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_answers, next_token_logits, prefix_cache
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import model_skeleton, resolve_model
@@ -54,34 +54,86 @@ from hw3_lm_fewshot.prompts import (
     check_prompt,
     encode_queries,
     label_candidates,
+    ordered_support,
+    prompt_prefix,
+    query_ids,
+    task_labels,
 )
+
+CONTENT_FREE = "N/A"  # Zhao et al. 2021's content-free input
+
+
+def contextual_calibration(label_probs: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
+    """Zhao et al. 2021: each row of label probabilities [N, C] divided by the probabilities the same
+    prompt gives a content-free input [C], then renormalised. A label the prompt favours whatever
+    the input says (SmolLM2 on amazon: one label for every review) loses that advantage."""
+    calibrated = label_probs / content_free
+    return calibrated / calibrated.sum(-1, keepdim=True)
+
+
+def label_probabilities(model, tokenizer, task: TaskData, labels: list, queries: list[list[int]],
+                        prefix_ids: list[int], cache, batch_size: int) -> torch.Tensor:
+    """[N, C]: the probability of each label after each query, renormalised over the labels."""
+    shared, candidates = label_candidates(tokenizer, task.name, labels)
+    rows = []
+    for i in range(0, len(queries), batch_size):
+        logits = next_token_logits(model, tokenizer, [q + shared for q in queries[i:i + batch_size]], prefix_ids,
+                                   cache)  # [B, V]
+        rows.append(logits[:, candidates].softmax(-1))
+    return torch.cat(rows)
+
+
+def score_labels(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, ordering: int,
+                 queries: list[list[int]], prefix_ids: list[int], cache, batch_size: int,
+                 calibrate: bool) -> tuple[list, dict]:
+    """The most likely label for each query (divided by the content-free input's when ``calibrate``),
+    and what the result records about it."""
+    labels = task_labels(task)
+    probs = label_probabilities(model, tokenizer, task, labels, queries, prefix_ids, cache, batch_size)  # [N, C]
+    chosen = probs.argmax(-1).tolist()
+    extra = {"labels": labels, "predicted_label_counts": [chosen.count(c) for c in range(len(labels))]}
+    if calibrate:
+        prefix = prompt_prefix(task.name, prompt, ordered_support(task, k, seed, ordering))
+        free = [query_ids(tokenizer, task.name, prompt, CONTENT_FREE, prefix)]
+        content_free = label_probabilities(model, tokenizer, task, labels, free, prefix_ids, cache, 1)[0]  # [C]
+        extra.update(content_free_probs=content_free.tolist(),
+                     uncalibrated_label_counts=extra["predicted_label_counts"],
+                     uncalibrated_score=score(task.name, [labels[c] for c in chosen], [ex.y for ex in task.eval]))
+        chosen = contextual_calibration(probs, content_free).argmax(-1).tolist()
+        extra["predicted_label_counts"] = [chosen.count(c) for c in range(len(labels))]
+    return [labels[c] for c in chosen], extra
 
 
 def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, max_context: int | None = None,
-            precision: str = "fp32", fixed_support: bool = False, ordering: int = 0, batch_size: int = 8) -> dict:
+            precision: str = "fp32", fixed_support: bool = False, ordering: int = 0, batch_size: int = 8,
+            calibrate: bool = False) -> dict:
     """Score the model on the evaluation set with k in-context examples per query.
 
     ``fixed_support``: one support set per seed (in its ``ordering``), read once into a KV cache and
     shared by every query; else a fresh draw per query (the course's protocol). Amazon's label is the
-    most likely of " 1" .. " 5"; xsum and babi answers are greedy first sentences. bf16 autocast when
-    ``precision`` is "bf16".
+    most likely of " 1" .. " 5"; xsum and babi answers are greedy first sentences, or with
+    ``calibrate`` (amazon and babi, fixed support) the most likely label after contextual calibration.
+    bf16 autocast when ``precision`` is "bf16".
     """
     start = time.time()
     device = next(model.parameters()).device
     reset_peak_memory(device)
     check_prompt(prompt)
+    by_label = task.name == "amazon" or calibrate
+    if calibrate:
+        task_labels(task)  # a clear error for xsum
+        if not fixed_support:
+            raise CS330Error("--calibrate divides by a content-free input's label probabilities under one prompt: "
+                             "add --support fixed (one support set per seed)")
     sample_support(task, k, seed)  # a clear error now if k does not fit the pool
     prefix_ids, queries, truncated = encode_queries(tokenizer, model, task, k, prompt, seed, fixed_support,
                                                     ordering, max_context)
+    extra: dict = {}
     with autocast(device, precision):
         cache = prefix_cache(model, prefix_ids)
-        if task.name == "amazon":
-            shared, candidates = label_candidates(tokenizer, task.name)
-            queries = [q + shared for q in queries]
-            predictions = []
-            for i in range(0, len(queries), batch_size):
-                logits = next_token_logits(model, tokenizer, queries[i:i + batch_size], prefix_ids, cache)  # [B, V]
-                predictions += logits[:, candidates].argmax(-1).tolist()
+        if by_label:
+            predictions, extra = score_labels(model, tokenizer, task, k, prompt, seed, ordering, queries, prefix_ids,
+                                              cache, batch_size, calibrate)
         else:
             predictions = generate_answers(model, tokenizer, queries, MAX_NEW_TOKENS[task.name], batch_size,
                                            prefix_ids, cache)
@@ -89,19 +141,16 @@ def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, ma
     seconds = time.time() - start
     read = len(prefix_ids) + sum(len(q) for q in queries)  # prompt tokens the model read
     # the answers re-tokenized (the stop token and stripped spaces are not counted)
-    generated = 0 if task.name == "amazon" else sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
-                                                    for p in predictions)
-    result = {
-        "method": "icl", "prompt": prompt, "k": k, "seed": seed, "ordering": ordering,
-        "support": "fixed" if fixed_support else "per_query", "metric": TASK_METRIC[task.name],
+    generated = 0 if by_label else sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions)
+    return {
+        "method": "icl", "prompt": prompt + ("+calibrated" if calibrate else ""), "k": k, "seed": seed,
+        "ordering": ordering, "support": "fixed" if fixed_support else "per_query", "metric": TASK_METRIC[task.name],
         "score": score(task.name, predictions, references), "truncated_prompts": truncated, "seconds": seconds,
         "prompt_tokens": read, "generated_tokens": generated, "tokens_per_s": (read + generated) / max(seconds, 1e-9),
         "trainable_params": 0, "peak_memory_mb": peak_memory_mb(device),
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
+        **extra,  # label scoring: the labels and how often each was chosen (a label bias shows at a glance)
     }
-    if task.name == "amazon":  # how often each label was chosen: shows a label bias at a glance
-        result["predicted_label_counts"] = [predictions.count(c) for c in range(NUM_AMAZON_CLASSES)]
-    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(prompt-order sensitivity) (default: 1)")
     parser.add_argument("--batch_size", type=positive_int, default=8,
                         help="queries per forward pass (left-padded; greedy answers as one at a time) (default: 8)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="contextual calibration (Zhao et al. 2021), amazon and babi with --support fixed: "
+                             "choose the label (amazon: stars, babi: the places of the pool) whose probability, "
+                             f"divided by its probability for the content-free input {CONTENT_FREE!r} under the same "
+                             "prompt, is largest; results.json keeps the uncalibrated score beside it")
     return parser
 
 
@@ -134,6 +188,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         check_icl_task(args.dataset, prompt)
     if args.orderings > 1 and args.support != "fixed":
         raise CS330Error("--orderings permutes a fixed support set: add --support fixed")
+    if args.calibrate and (args.support != "fixed" or args.dataset not in ("amazon", "babi")):
+        raise CS330Error("--calibrate scores labels under one prompt per support set: it needs --support fixed "
+                         f"and --dataset amazon or babi (got --support {args.support}, --dataset {args.dataset})")
     device, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
     # everything that can fail before the evaluation fails here, before a run folder exists
     spec = resolve_model(args.model or "smollm2")
@@ -146,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model.to(device).eval()
     run_name = build_run_name("icl", {"model": spec.name, "data": args.dataset, "prompt": "-".join(prompts),
                                       "k": "-".join(map(str, args.k)), "support": args.support, "prec": args.precision,
-                                      "seed": args.seed})
+                                      "seed": args.seed} | ({"calib": 1} if args.calibrate else {}))
     run_dir = run_dir_for(args, run_name)
     results = []
     total = len(args.k) * len(prompts) * args.repeats * args.orderings
@@ -158,7 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for ordering in range(args.orderings):
                         results.append(run_icl(model, tokenizer, task, k, prompt, args.seed + repeat,
                                                args.max_context, args.precision, fixed_support=args.support == "fixed",
-                                               ordering=ordering, batch_size=args.batch_size))
+                                               ordering=ordering, batch_size=args.batch_size,
+                                               calibrate=args.calibrate))
                         logger.advance(len(results), score=results[-1]["score"])
         return finish_runs(logger, results, task, run_dir)
 

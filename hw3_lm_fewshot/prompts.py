@@ -20,6 +20,7 @@ evaluation can read a prefix shared by every query once (generation.prefix_cache
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from collections.abc import Sequence
@@ -98,15 +99,30 @@ def build_prompt(task: str, prompt: str, support: Sequence[Example], query_x: st
 
 
 # ---------------------------------------------------------------------------- token ids for an evaluation
-def label_candidates(tokenizer, task: str) -> tuple[list[int], list[int]]:
-    """Amazon's labels " 1" .. " 5" as tokens: the part they share (SmolLM2: the space) and the last
-    token of each. A label is scored by the likelihood of that last token after the shared part."""
-    labels = [tokenizer(answer_text(task, c), add_special_tokens=False)["input_ids"] for c in range(NUM_AMAZON_CLASSES)]
-    shared = labels[0][:-1]
-    if any(ids[:-1] != shared for ids in labels) or len({ids[-1] for ids in labels}) != len(labels):
-        raise CS330Error(f"this tokenizer writes the labels as {labels}: they must differ only in their last "
-                         "token for likelihood scoring")
-    return shared, [ids[-1] for ids in labels]
+def task_labels(task: TaskData) -> list:
+    """The answers a label-scored evaluation chooses from: amazon's 5 classes (stars - 1), bAbI's
+    places (every answer in the pool: qa1 has 6)."""
+    if task.name == "amazon":
+        return list(range(NUM_AMAZON_CLASSES))
+    if task.name == "babi":
+        return sorted({str(ex.y) for ex in task.pool})
+    raise CS330Error(f"{task.name} answers are free text, not labels: label scoring (--calibrate) applies to "
+                     "amazon and babi")
+
+
+def label_candidates(tokenizer, task: str, labels: Sequence | None = None) -> tuple[list[int], list[int]]:
+    """The labels' answers as tokens (amazon " 1" .. " 5" by default): the tokens they all begin with
+    (SmolLM2: the space) and the first token of each after those, which must differ. A label is scored
+    by the likelihood of that token after the shared part (the whole label when it is one token:
+    amazon's digits, bAbI's places for SmolLM2)."""
+    labels = range(NUM_AMAZON_CLASSES) if labels is None else labels
+    ids = [tokenizer(answer_text(task, y), add_special_tokens=False)["input_ids"] for y in labels]
+    shared = os.path.commonprefix(ids)  # of lists, element by element
+    firsts = [row[len(shared)] if len(row) > len(shared) else None for row in ids]
+    if None in firsts or len(set(firsts)) != len(firsts):
+        raise CS330Error(f"this tokenizer writes the labels as {ids}: after the tokens they share, each must begin "
+                         "with a token of its own for likelihood scoring")
+    return shared, firsts
 
 
 def ordered_support(task: TaskData, k: int, seed: int, ordering: int) -> list[Example]:
@@ -117,6 +133,12 @@ def ordered_support(task: TaskData, k: int, seed: int, ordering: int) -> list[Ex
     return support
 
 
+def query_ids(tokenizer, task: str, prompt: str, x: str, prefix: str) -> list[int]:
+    """Token ids of one query after the text ``prefix`` (whose ids come first; special tokens only
+    when there is no prefix to carry them)."""
+    return tokenizer(prompt_query(task, prompt, x, prefix), add_special_tokens=not prefix)["input_ids"]
+
+
 def encode_queries(tokenizer, model, task: TaskData, k: int, prompt: str, seed: int, fixed_support: bool,
                    ordering: int, max_context: int | None) -> tuple[list[int], list[list[int]], int]:
     """Token ids of the shared prefix (empty unless ``fixed_support``) and of each query, and how many
@@ -125,8 +147,7 @@ def encode_queries(tokenizer, model, task: TaskData, k: int, prompt: str, seed: 
     if fixed_support:
         prefix = prompt_prefix(task.name, prompt, ordered_support(task, k, seed, ordering))
         prefix_ids = tokenizer(prefix)["input_ids"] if prefix else []
-        queries = [tokenizer(prompt_query(task.name, prompt, ex.x, prefix), add_special_tokens=not prefix)["input_ids"]
-                   for ex in task.eval]
+        queries = [query_ids(tokenizer, task.name, prompt, ex.x, prefix) for ex in task.eval]
         limit = context_limit(model, max_context)
         longest = len(prefix_ids) + max(len(q) for q in queries) + max_new
         if longest > limit:

@@ -472,3 +472,45 @@ def test_blocks_and_projections_that_are_missing_are_named():
         check_mode_fits(NoProjections(), "lora4")
     with pytest.raises(CS330Error, match=r"several lists of 2 blocks \(layers, blocks\)"):
         check_mode_fits(TwoStacks(), "last")
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+@pytest.mark.parametrize("task_name", ["amazon", "babi"])
+def test_calibrated_labels_divide_by_the_content_free_input(tiny_models, arch, task_name):
+    """--calibrate: the uncalibrated label scores are those of a plain label-scored run, and the
+    calibrated choice is argmax p(label | query) / p(label | "N/A") under the same prompt."""
+    from hw3_lm_fewshot.generation import prefix_cache
+    from hw3_lm_fewshot.icl import CONTENT_FREE, label_probabilities, run_icl
+    from hw3_lm_fewshot.prompts import (
+        encode_queries,
+        label_candidates,
+        ordered_support,
+        prompt_prefix,
+        query_ids,
+        task_labels,
+    )
+
+    model, tokenizer = load(tiny_models[arch], classifier=False)
+    task = amazon_task() if task_name == "amazon" else babi_task()
+    labels = task_labels(task)
+    assert labels == ([0, 1, 2, 3, 4] if task_name == "amazon" else ["attic", "cellar", "porch"])
+    result = run_icl(model, tokenizer, task, k=1, prompt="qa", seed=0, fixed_support=True, calibrate=True)
+    prefix_ids, queries, _ = encode_queries(tokenizer, model, task, 1, "qa", 0, True, 0, None)
+    cache = prefix_cache(model, prefix_ids)
+    probs = label_probabilities(model, tokenizer, task, labels, queries, prefix_ids, cache, 8)  # [N, C]
+    free_query = query_ids(tokenizer, task.name, "qa", CONTENT_FREE,
+                           prompt_prefix(task.name, "qa", ordered_support(task, 1, 0, 0)))
+    shared, candidates = label_candidates(tokenizer, task.name, labels)
+    with torch.inference_mode():  # the content-free prompt read whole, no cache
+        free = model(input_ids=torch.tensor([prefix_ids + free_query + shared])).logits[0, -1][candidates].softmax(-1)
+    torch.testing.assert_close(torch.tensor(result["content_free_probs"]), free, atol=1e-5, rtol=1e-4)
+    plain = probs.argmax(-1).tolist()
+    calibrated = (probs / free).argmax(-1).tolist()
+    assert result["uncalibrated_label_counts"] == [plain.count(c) for c in range(len(labels))]
+    assert result["predicted_label_counts"] == [calibrated.count(c) for c in range(len(labels))]
+    references = [ex.y for ex in task.eval]
+    if task_name == "amazon":
+        plain_run = run_icl(model, tokenizer, task, k=1, prompt="qa", seed=0, fixed_support=True)
+        assert plain_run["score"] == result["uncalibrated_score"]
+    assert result["score"] == sum(labels[c] == r for c, r in zip(calibrated, references)) / len(references)
+    assert result["prompt"] == "qa+calibrated" and result["generated_tokens"] == 0

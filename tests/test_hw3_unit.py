@@ -439,3 +439,27 @@ def test_summary_is_mean_and_sample_std_per_method_and_k():
     assert ft_row["mean"] == pytest.approx(0.4) and ft_row["std"] == pytest.approx(0.2)  # ddof 1
     assert ft_row["support_acc"] == pytest.approx(0.75) and ft_row["repeats"] == 3  # NaN (k = 0) left out
     assert icl_row["std"] == 0.0 and icl_row["support_acc"] is None and icl_row["variant"] == "qa"
+
+
+def test_contextual_calibration_on_known_numbers():
+    """Zhao et al. 2021: p / p_cf, renormalised. A prompt that favours label 0 for every input (the
+    content-free input too) no longer wins every query."""
+    from hw3_lm_fewshot.icl import contextual_calibration
+
+    calibrated = contextual_calibration(torch.tensor([[0.6, 0.3, 0.1]]), torch.tensor([0.5, 0.25, 0.25]))
+    torch.testing.assert_close(calibrated, torch.tensor([[1.2, 1.2, 0.4]]) / 2.8)
+    biased = torch.tensor([[0.7, 0.3], [0.9, 0.1]])  # label 0 chosen for both
+    assert biased.argmax(-1).tolist() == [0, 0]
+    after = contextual_calibration(biased, torch.tensor([0.8, 0.2]))  # [0.875, 1.5] and [1.125, 0.5], renormalised
+    torch.testing.assert_close(after, torch.tensor([[0.875 / 2.375, 1.5 / 2.375], [1.125 / 1.625, 0.5 / 1.625]]))
+    assert after.argmax(-1).tolist() == [1, 0]
+    uniform = contextual_calibration(biased, torch.tensor([0.5, 0.5]))  # a content-free input with no bias
+    torch.testing.assert_close(uniform, biased)
+
+
+def test_calibrate_needs_a_fixed_support_set_and_labels(capsys):
+    for extra, message in [(["--dataset", "xsum", "--support", "fixed"], "--dataset amazon or babi"),
+                           (["--dataset", "babi"], "it needs --support fixed")]:
+        with pytest.raises(SystemExit) as info:
+            icl.main(["--calibrate", "--k", "1", "--device", "cpu", *extra])
+        assert info.value.code == 2 and message in capsys.readouterr().err
