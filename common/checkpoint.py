@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import random
 import re
+import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from common.errors import CS330Error
+from common.errors import CS330Error, DiskFull, disk_full_error, is_disk_full
+from common.readback import check_weights, describe, read_torch
 
 _CKPT_RE = re.compile(r"^step(\d+)\.pt$")
 
@@ -30,16 +32,36 @@ def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a kill mid-write
     leaves the previous file intact instead of a truncated one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(path.parent, path.name) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if is_disk_full(err) or _write_failed_on_full_disk(err, path.parent):
+            raise disk_full_error(path.parent, path.name) from None
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _write_failed_on_full_disk(err: BaseException, folder: Path) -> bool:
+    """torch's own writer reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc]
+    ... file write failed`` without the errno: a full disk is then the folder having (almost) no room."""
+    if not isinstance(err, RuntimeError) or "write failed" not in str(err):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 2**24
+    except OSError:
+        return False
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -87,7 +109,13 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
             f"{where}. Lower the learning rate or check the data, then rerun."
         )
     path = checkpoint_dir(run_dir) / f"step{step:07d}.pt"
-    atomic_save({"step": step, **state}, path)
+    try:
+        atomic_save({"step": step, **state}, path)
+    except DiskFull:
+        kept = list_checkpoints(run_dir)
+        where = (f"the last good checkpoint (step {max(kept)}) is kept (continue with --resume)" if kept
+                 else "no checkpoint had been written yet")
+        raise disk_full_error(path.parent, f"the checkpoint of step {step}", where) from None
     if keep_last is not None:
         for old_step, old_path in list(list_checkpoints(run_dir).items())[:-keep_last]:
             if old_step != step:
@@ -95,38 +123,52 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
     return path
 
 
-def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
-    """``torch.load`` with ``weights_only=True``; a damaged file raises a CS330Error naming it."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        if "Weights only load failed" in str(err):
-            raise  # not damage: a checkpoint holding objects we refuse to unpickle
-        raise CS330Error(f"checkpoint {path} is damaged ({str(err).splitlines()[0]}); delete it to use "
-                         "an earlier one") from None
+def _read_checkpoint(path: Path, map_location: str | torch.device,
+                     model: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """A checkpoint this code wrote: a dict with its step (and, when ``model`` is given, that model's
+    weights), loaded with ``weights_only=True``; anything else raises a CS330Error naming the file."""
+    fix = "delete it to use an earlier checkpoint"
+    state = read_torch(path, fix, map_location)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CS330Error(f"{path}: holds {describe(state)} without a step, not a checkpoint; {fix}")
+    if model is not None:
+        check_weights(state.get("model"), model, path, f"{fix}, or choose another --log_dir for this model")
+    return state
 
 
-def load_checkpoint(run_dir: Path, step: int = -1, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(run_dir: Path, step: int = -1, map_location: str | torch.device = "cpu",
+                    model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Load the checkpoint of ``step`` with ``weights_only=True``. ``step=-1`` loads the latest
-    readable one: a damaged latest file (a kill mid-copy, a full disk) is named in a warning and
-    the one before it is used."""
+    readable one: a damaged or foreign latest file (a kill mid-copy, a full disk, another model's
+    weights when ``model`` is given) is named in a warning and the one before it is used."""
     available = list_checkpoints(run_dir)
     if not available:
         raise CS330Error(
             f"no checkpoint in {checkpoint_dir(run_dir)}: train first (without --test), "
             "or point --log_dir at a run folder that has checkpoints/"
         )
+    expected = None if model is None else model.state_dict()
     if step != -1:
         if step not in available:
             raise CS330Error(f"no checkpoint for step {step} in {run_dir}; available steps: {sorted(available)}")
-        return _read_checkpoint(available[step], map_location)
+        return _read_checkpoint(available[step], map_location, expected)
+    latest_error = None
     for candidate in sorted(available, reverse=True):
         try:
-            return _read_checkpoint(available[candidate], map_location)
+            return _read_checkpoint(available[candidate], map_location, expected)
         except CS330Error as err:
+            latest_error = latest_error or err
             print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr)
-    raise CS330Error(f"every checkpoint in {checkpoint_dir(run_dir)} is damaged; delete the folder and "
-                     "train again")
+    raise CS330Error(f"no usable checkpoint in {checkpoint_dir(run_dir)} (the latest: {latest_error}); delete the "
+                     "folder and train again")
+
+
+def check_model(run_dir: Path, state: dict[str, Any], model: torch.nn.Module) -> None:
+    """The weights of a checkpoint loaded without ``model`` must be ``model``'s. ``--test`` loads its
+    checkpoint before the run's flags are compared (so a missing one is its own error) and checks
+    the weights after, so that differing flags are named as such."""
+    check_weights(state.get("model"), model.state_dict(), checkpoint_dir(run_dir) / f"step{state['step']:07d}.pt",
+                  "pass the flags of the run that wrote it, or choose another --log_dir")
 
 
 def capture_rng_state() -> dict[str, Any]:

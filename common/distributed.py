@@ -228,7 +228,7 @@ class FollowerRun:
         if non_finite_tensors(state["model"]):
             leave_after_main(2)
 
-    def resume_state(self, map_location: str | torch.device = "cpu") -> None:
+    def resume_state(self, map_location: str | torch.device = "cpu", model: nn.Module | None = None) -> None:
         return None  # rank 0 reads the checkpoint and sends it
 
     def logger(self, *args: object, **kwargs: object) -> QuietLogger:

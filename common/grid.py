@@ -32,7 +32,6 @@ import fcntl
 import fnmatch
 import gc
 import importlib
-import json
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import pandas as pd
 from common.cli import positive_int
 from common.device import DEVICE_CHOICES, PRECISION_CHOICES
 from common.errors import CS330Error
+from common.readback import read_json
 from common.runlog import runs_root, write_json
 
 MainFunction = Callable[[list[str]], Any]
@@ -152,7 +152,7 @@ def run_grid(configs: Sequence[Config], root: str | Path, run_flags: Sequence[st
     run. Returns ``{name: reason}`` for the ones that failed."""
     root = Path(root)
     record_path = root / RECORD
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record = read_record(record_path)
     failed: dict[str, str] = {}
     failed_folders: dict[str, str] = {}
     for config in unique(configs):
@@ -182,13 +182,27 @@ def run_grid(configs: Sequence[Config], root: str | Path, run_flags: Sequence[st
     return failed
 
 
+def read_record(record_path: Path) -> dict[str, list[str]]:
+    """The grid's record (empty before its first finished run): configuration name -> flags."""
+    if not record_path.exists():
+        return {}
+    fix = ("delete it: the grid then takes every results file in its folders as made with the "
+           "current flags")
+    record = read_json(record_path, fix)
+    bad = [name for name, flags in record.items()
+           if not isinstance(flags, list) or not all(isinstance(flag, str) for flag in flags)]
+    if bad:
+        raise CS330Error(f"{record_path}: the entry of {bad[0]} is not a list of flags; {fix}")
+    return record
+
+
 def remember(record_path: Path, name: str, flags: list[str]) -> dict[str, list[str]]:
     """Add a finished configuration to the grid's record and return the record. Read again under a
     lock: ``--only`` workers running one grid side by side each finish runs, and a record read when
     a worker started would drop the others' entries when it is written back."""
     with open(record_path.with_name(RECORD + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record = read_record(record_path)
         record[name] = flags
         write_json(record_path, record)
     return record
@@ -226,8 +240,11 @@ def collect(configs: Sequence[Config], root: str | Path) -> pd.DataFrame:
         path = run_dir / config.results
         if not path.exists():
             continue
-        saved = json.loads(path.read_text())
+        fix = f"delete it to run {config.name} again"
+        saved = read_json(path, fix)
         hparams, metrics = (saved.get("hparams", {}), saved["metrics"]) if "metrics" in saved else ({}, saved)
+        if not isinstance(hparams, dict) or not isinstance(metrics, dict):
+            raise CS330Error(f"{path}: its hparams and metrics are not JSON objects; {fix}")
         rows.append({"name": config.name, "run_dir": run_dir, **config.tags, **_flatten(hparams), **_flatten(metrics)})
     return pd.DataFrame(rows, columns=None if rows else ["name", "run_dir"])
 

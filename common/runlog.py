@@ -17,6 +17,8 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from common.errors import disk_full_error, is_disk_full
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
@@ -43,12 +45,18 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename); a full disk is one error line, the old file kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(jsonable(obj), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full_error(path.parent, path.name) from None
+        raise
 
 
 class RunLogger:

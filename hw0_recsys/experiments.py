@@ -45,8 +45,9 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.errors import cli_main  # noqa: E402
+from common.errors import CS330Error, cli_main  # noqa: E402
 from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
+from common.readback import describe, read_torch  # noqa: E402
 from common.runlog import scalar_curve  # noqa: E402
 from common.stats import mean_ci95  # noqa: E402
 from hw0_recsys.blend import blend_fold, stacked_predictions  # noqa: E402
@@ -171,10 +172,23 @@ def configs(stages: list[str], preset: str) -> list[Config]:
 
 
 # ---------------------------------------------------------------------------- tables and plots
+PREDICTION_FIELDS = ("users", "items", "ratings", "predicted")
+
+
 def predictions(frame: pd.DataFrame, name: str) -> dict[str, torch.Tensor] | None:
+    """The saved predictions of run ``name`` (``train.py --save_predictions``), or None when it has none."""
     run_dir = lookup(frame, name, "run_dir")
     path = None if run_dir is None else Path(run_dir) / "predictions.pt"
-    return torch.load(path, weights_only=True) if path is not None and path.exists() else None
+    if path is None or not path.exists():
+        return None
+    fix = f"delete {run_dir} to run {name} again"
+    saved = read_torch(path, fix)
+    fields = saved if isinstance(saved, dict) else {}
+    if not all(isinstance(fields.get(key), torch.Tensor) for key in PREDICTION_FIELDS):
+        raise CS330Error(f"{path}: holds {describe(saved)}, not the tensors {', '.join(PREDICTION_FIELDS)}; {fix}")
+    if len({fields[key].shape for key in PREDICTION_FIELDS}) != 1:
+        raise CS330Error(f"{path}: its tensors differ in shape; {fix}")
+    return saved
 
 
 def blended_rmse(first: dict, second: dict, weight: float) -> float:

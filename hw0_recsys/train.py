@@ -13,6 +13,8 @@ Every flag of a resumed run must equal the run's, except the run length and inte
 --num_epochs is part of the run name, extending a run goes through an explicit --log_dir:
   python hw0_recsys/train.py --num_epochs 5 --log_dir runs/hw0_recsys/mine
   python hw0_recsys/train.py --num_epochs 10 --log_dir runs/hw0_recsys/mine --resume
+A run with --lr_schedule cosine cannot be extended (its rate decays over --num_epochs, so a longer
+run is another schedule): there --num_epochs must equal the run's too.
 With --val_fraction > 0 a slice of the training ratings is held out and all metrics are computed
 on it instead of the test set, so hyper-parameters can be chosen without looking at the test data.
 Add --early_stopping to keep, for each task, the model of the epoch it was best at on that slice
@@ -45,7 +47,7 @@ from common.cli import (
     unit_interval,
 )
 from common.device import autocast, resolve_precision, setup_compute
-from common.errors import CS330Error, cli_main
+from common.errors import cli_main
 from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
@@ -107,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ratings per step; 0 = full batch (256 | 0)")
     parser.add_argument("--lr", type=learning_rate, default=None, help="Adam learning rate (1e-3 | 0.01 | 0.01)")
     parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default=None,
-                        help="constant, or cosine decay to 0 over --num_epochs (default: cosine for kernelnet, "
-                             "whose full-batch training oscillates at a constant rate; constant otherwise)")
+                        help="constant, or cosine decay to 0 over --num_epochs, which a --resume then cannot "
+                             "change (default: cosine for kernelnet, whose full-batch training oscillates at a "
+                             "constant rate; constant otherwise)")
     mt = parser.add_argument_group("multitask model")
     mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
                     help="weight of the interaction (ranking) loss")
@@ -208,6 +211,14 @@ def parse_model_args(parser: argparse.ArgumentParser, model: str, pairs: list[st
             parser.error(f"--model_arg {pair!r}: {name} must be a finite number >= 0")
         parsed[name] = value
     return parsed
+
+
+def resumable_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """The flags a --resume may change: not the run length under a cosine schedule, whose rate at
+    every epoch depends on it (extending a 4-epoch run to 8 would switch schedules mid-run)."""
+    if args.lr_schedule == "cosine":
+        return tuple(flag for flag in RESUMABLE_FLAGS if flag != "num_epochs")
+    return RESUMABLE_FLAGS
 
 
 def resolved_precision(requested: str) -> str:
@@ -411,9 +422,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_name = build_run_name(args.model, run_name_parts(args))
     run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
-    with RunFolder.open(run_dir, run_hparams(args), resume=args.resume, resumable=RESUMABLE_FLAGS) as run:
+    with RunFolder.open(run_dir, run_hparams(args), resume=args.resume, resumable=resumable_flags(args),
+                        length_flag="num_epochs") as run:
         start_epoch, best = 0, {}
-        state = run.resume_state(map_location=device)
+        state = run.resume_state(map_location=device, model=model)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -422,9 +434,6 @@ def main(argv: list[str] | None = None) -> dict:
             generator.set_state(state["generator"])
             restore_rng_state(state["rng"])
             start_epoch, best = state["step"], state.get("best", {})
-        if start_epoch > args.num_epochs:  # the results would be those of a longer run than the flags say
-            raise CS330Error(f"{run_dir} is already at epoch {start_epoch}, past --num_epochs {args.num_epochs}; "
-                             f"pass --num_epochs {start_epoch} or more to continue it")
         with run.logger(start_epoch, args.num_epochs, desc=run_name) as logger:
             logger.write(f"{args.model}: {len(train)} training and {len(evaluation)} {eval_name} ratings on {device}")
             started = time.perf_counter()

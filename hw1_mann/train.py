@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from common import distributed
-from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from common.checkpoint import capture_rng_state, check_model, load_checkpoint, restore_rng_state
 from common.cli import add_run_args, learning_rate, positive_int
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # A one-line error when there is none.
         state = distributed.run_on_main(lambda: load_checkpoint(run_dir, map_location=location), world, share=True)
         with open_run(world, run_dir, hparams, resume=True):  # same flags as the run
+            distributed.run_on_main(lambda: check_model(run_dir, state, model), world)
             result = evaluate_checkpoint(args, model, state, samplers["final"], world, precision)
     else:
         with open_run(world, run_dir, hparams, resume=args.resume, test_hint="--test to evaluate it") as run:
@@ -195,7 +196,7 @@ def open_run(world: distributed.World, run_dir: Path, hparams: dict[str, Any], r
     """Rank 0 opens the run folder (lock, resume rules); a refusal stops every rank. The other ranks
     get a ``FollowerRun``, which writes nothing but stops where rank 0 stops."""
     run = distributed.run_on_main(lambda: RunFolder.open(run_dir, hparams, resume=resume, resumable=RESUMABLE_FLAGS,
-                                                         test_hint=test_hint), world)
+                                                         test_hint=test_hint, length_flag="train_steps"), world)
     return run if world.is_main else distributed.FollowerRun()
 
 
@@ -259,7 +260,7 @@ def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argpars
     device = world.device
     start_step, history = 0, []
     # Rank 0 reads the checkpoint; every rank continues from it.
-    state = distributed.run_on_main(lambda: run.resume_state(map_location=location), world, share=True)
+    state = distributed.run_on_main(lambda: run.resume_state(map_location=location, model=model), world, share=True)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -104,10 +104,23 @@ def paired(frame: pd.DataFrame, name: str, baseline: str) -> str:
     if name == baseline:
         return "(reference)"
     a, b = (lookup(frame, n, "test_task_accuracies") for n in (name, baseline))
-    if not isinstance(a, list) or not isinstance(b, list):
+    if not isinstance(a, list) or not isinstance(b, list) or len(a) != len(b):  # not the same tasks: no pairs
         return ""
     mean, ci = paired_difference_ci95(a, b)
     return f"{100 * mean:+.2f} ± {100 * ci:.2f}"
+
+
+def paired_note(frame: pd.DataFrame) -> str:
+    """The sentence under the tables, with the number of test tasks the runs were scored on (from their
+    per-task accuracies, never from the preset); empty when no run has them."""
+    lists = frame["test_task_accuracies"] if "test_task_accuracies" in frame else []
+    counts = sorted({len(values) for values in lists if isinstance(values, list)})
+    if not counts:
+        return ""
+    tasks = " or ".join(map(str, counts))
+    return (f"\n\nPaired columns: accuracy difference in points on the same {tasks} test tasks, with the 95% "
+            "interval of the per-task differences (the settings separate where it excludes 0)"
+            + ("; runs scored on different task counts are not paired." if len(counts) > 1 else "."))
 
 
 def report(frame: pd.DataFrame, out: Path) -> str:
@@ -138,8 +151,7 @@ def report(frame: pd.DataFrame, out: Path) -> str:
             + proto.to_markdown(index=False, floatfmt=".1f")
             + "\n\n## MAML 5-way 1-shot: inner-loop settings, meta-tested with K support examples (10 queries)\n\n"
             + maml.to_markdown(index=False, floatfmt=".1f")
-            + "\n\nPaired columns: accuracy difference in points on the same 600 test tasks, with the 95% interval "
-              "of the per-task differences (the settings separate where it excludes 0).")
+            + paired_note(frame))
 
 
 def plot_points(ax: plt.Axes, frame: pd.DataFrame, xs: tuple[int, ...], names: list[str], label: str) -> None:

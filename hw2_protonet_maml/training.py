@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from common import distributed
-from common.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from common.checkpoint import capture_rng_state, check_model, load_checkpoint, restore_rng_state
 from common.cli import add_run_args, learning_rate, positive_int
 from common.device import autocast
 from common.errors import CS330Error
@@ -282,6 +282,7 @@ class MetaTrainer:
             state = distributed.run_on_main(lambda: load_checkpoint(s.run_dir, checkpoint_step, self._location),
                                             world, share=True)
             with self._open_run(resume=True):
+                distributed.run_on_main(lambda: check_model(s.run_dir, state, self.model), world)
                 self._test_checkpoint(state)
         else:
             with self._open_run(resume=s.resume, test_hint="--test to evaluate it") as run:
@@ -299,15 +300,16 @@ class MetaTrainer:
         ranks get a :class:`FollowerRun`, which writes nothing."""
         s = self.settings
         run = distributed.run_on_main(lambda: RunFolder.open(s.run_dir, self.hparams, resume=resume,
-                                                             resumable=RESUMABLE_FLAGS, test_hint=test_hint),
-                                      self.world)
+                                                             resumable=RESUMABLE_FLAGS, test_hint=test_hint,
+                                                             length_flag="num_train_iterations"), self.world)
         return run if self.world.is_main else distributed.FollowerRun()
 
     def _train(self, run: RunFolder | distributed.FollowerRun) -> None:
         s, world = self.settings, self.world
         start_step, elapsed, reached_target = 0, 0.0, None
         train_sampler = self.sampler("train", s.train_num_way, s.num_support, s.num_query, s.seed)
-        state = distributed.run_on_main(lambda: run.resume_state(map_location=self._location), world, share=True)
+        state = distributed.run_on_main(lambda: run.resume_state(map_location=self._location, model=self.model),
+                                        world, share=True)
         if state is not None:  # every rank continues from rank 0's checkpoint
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

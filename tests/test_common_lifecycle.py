@@ -73,8 +73,8 @@ def test_damaged_latest_checkpoint_falls_back_with_its_name(tmp_path, capsys):
     latest = list_checkpoints(tmp_path)[2]
     latest.write_bytes(latest.read_bytes()[:500])  # truncated, as by a full disk
     assert load_checkpoint(tmp_path)["step"] == 1
-    assert f"{latest} is damaged" in capsys.readouterr().err
-    with pytest.raises(CS330Error, match=f"{latest} is damaged"):
+    assert f"{latest}: damaged" in capsys.readouterr().err
+    with pytest.raises(CS330Error, match=f"{latest}: damaged"):
         load_checkpoint(tmp_path, 2)
 
 

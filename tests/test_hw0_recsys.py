@@ -315,7 +315,23 @@ def test_resume_extends_num_epochs_and_refuses_other_changed_flags(synthetic_dir
     assert max(list_checkpoints(run_dir)) == 5  # refused before any work
     with pytest.raises(SystemExit):  # shorter than the run already is
         train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "4", "--resume"))
-    assert "already at epoch 5, past --num_epochs 4" in capsys.readouterr().err
+    assert "already at --num_epochs 5, past the --num_epochs 4 asked for" in capsys.readouterr().err
+
+
+def test_cosine_schedule_run_cannot_be_extended(synthetic_dir, tmp_path, capsys):
+    """Issue 28: extending a cosine run with --resume switched its schedule mid-run (test RMSE 0.918
+    against 0.943 uninterrupted) and recorded it as an ordinary cosine run of the new length."""
+    flags = ("--batch_size", "64", "--lr_schedule", "cosine")
+    run_dir = tmp_path / "run"
+    train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "2"))
+    before = json.loads((run_dir / "results.json").read_text())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(synthetic_dir, run_dir, *flags, "--num_epochs", "4", "--resume"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--num_epochs 2 -> 4" in err, err
+    assert max(list_checkpoints(run_dir)) == 2 and json.loads((run_dir / "results.json").read_text()) == before
+    assert "cannot be extended" in train_script.build_parser().description
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(synthetic_dir, tmp_path, capsys):

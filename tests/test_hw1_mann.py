@@ -258,6 +258,41 @@ def test_test_mode_without_checkpoint_says_so(omniglot_data_dir, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1 and not run.exists()
 
 
+def test_resume_shorter_than_the_checkpoint_is_refused(omniglot_data_dir, tmp_path, capsys):
+    """Issue 28: --resume --train_steps 1 on a 2-step run used to exit 0 and label the 2-step model as 1 step."""
+    run = tmp_path / "run"
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY))
+    before = results(run)
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--resume", "--train_steps", "1"))
+    assert code == 2 and "already at --train_steps 2, past the --train_steps 1 asked for" in err, err
+    assert results(run) == before
+
+
+def test_resume_without_stored_flags_is_refused(omniglot_data_dir, tmp_path, capsys):
+    """Issue 28: with hparams.json deleted, --resume --learning_rate 0.5 trained at the checkpoint's rate
+    and recorded 0.5."""
+    run = tmp_path / "run"
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY))
+    (run / "hparams.json").unlink()
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--resume", "--train_steps", "4",
+                                                       "--learning_rate", "0.5"))
+    assert code == 2 and "hparams.json: missing; the flags this run trained with are unknown" in err, err
+    assert checkpoints(run)[-1] == "step0000002.pt" and not (run / "hparams.json").exists()
+
+
+def test_test_mode_on_a_checkpoint_of_another_model_is_one_line(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY))
+    latest = run / "checkpoints" / "step0000002.pt"
+    state = torch.load(latest, weights_only=True)
+    state["model"] = {name: torch.zeros(3, *value.shape) for name, value in state["model"].items()}
+    torch.save(state, latest)  # the same flags, foreign weights: copied in by hand
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--test"))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith(f"error: {latest}: the weights of another model (shape "), errors[0]
+
+
 def start_train(log: Path, *flags: str) -> subprocess.Popen:
     # A real process, as a user's run would be: the kill is a real SIGKILL at an arbitrary instruction.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

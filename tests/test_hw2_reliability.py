@@ -1,0 +1,77 @@
+"""Issue 28 in hw2: a --resume shorter than the checkpoint is refused, a checkpoint of another model
+is named (not a traceback), and the grid's report states the test-task count its runs used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from hw2_protonet_maml import experiments
+from hw2_protonet_maml import maml as maml_script
+
+TINY = ["--num_way", "3", "--num_support", "1", "--num_query", "2", "--batch_size", "2", "--num_val_tasks", "2",
+        "--num_test_tasks", "4", "--num_filters", "4", "--conv_stride", "2", "--val_interval", "1",
+        "--device", "cpu", "--threads", "1"]
+
+
+def run_flags(data_dir: Path, log_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data_dir", str(data_dir), "--log_dir", str(log_dir), *extra]
+
+
+def exit_code_and_stderr(capsys, argv: list[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        maml_script.main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+def test_resume_shorter_than_the_checkpoint_is_refused(omniglot_data_dir, tmp_path, capsys):
+    """--resume --num_train_iterations 1 on a 2-iteration run used to exit 0 with the 2-iteration model
+    recorded as a 1-iteration run (and a negative rate on the progress bar)."""
+    run = tmp_path / "maml"
+    maml_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "2"))
+    before = (run / "results.json").read_text()
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, "--num_train_iterations", "1",
+                                                       "--resume"))
+    assert code == 2 and "already at --num_train_iterations 2, past the --num_train_iterations 1" in err, err
+    assert (run / "results.json").read_text() == before
+
+
+def test_resume_from_a_checkpoint_of_another_model_falls_back_or_says_so(omniglot_data_dir, tmp_path, capsys):
+    run = tmp_path / "maml"
+    maml_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "1"))
+    latest = run / "checkpoints" / "step0000001.pt"
+    state = torch.load(latest, weights_only=True)
+    state["model"] = {f"other.{name}": value for name, value in state["model"].items()}
+    torch.save(state, latest)
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, "--num_train_iterations", "2",
+                                                       "--resume"))
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert f"{latest}: the weights of another model (missing " in errors[0], errors[0]
+
+
+def test_report_states_the_test_task_count_of_its_runs():
+    """The paired-column sentence said "600 test tasks" whatever the runs used."""
+    rows = [{"name": f"protonet_N5_K1_test{k}shot", "test_accuracy": 0.9, "test_ci95": 0.01,
+             "test_task_accuracies": [0.9] * 32, "test_shot": k} for k in experiments.PROTONET_SHOTS]
+    rows.append({"name": "protonet_N10_K1_test1shot", "test_accuracy": 0.8, "test_ci95": 0.01,
+                 "test_task_accuracies": [0.8] * 32, "test_shot": 1})
+    sentence = experiments.paired_note(pd.DataFrame(rows))
+    assert "on the same 32 test tasks" in sentence and "600" not in sentence
+    mixed = pd.DataFrame(rows + [{"name": "x", "test_task_accuracies": [0.5] * 40}])
+    assert "32 or 40 test tasks" in experiments.paired_note(mixed)
+    assert experiments.paired_note(pd.DataFrame([{"name": "y"}])) == ""
+
+
+def test_report_sentence_is_in_the_written_results(tmp_path, monkeypatch):
+    for name in ("plot_composition", "plot_accuracy_vs_k", "plot_curves"):
+        monkeypatch.setattr(experiments, name, lambda *args: None)
+    frame = pd.DataFrame([{"name": "protonet_N5_K1_test1shot", "test_accuracy": 0.9, "test_ci95": 0.01,
+                           "test_task_accuracies": [0.9] * 7, "test_shot": 1}])
+    text = experiments.report(frame, tmp_path)
+    assert "on the same 7 test tasks" in text
+    assert json.loads((tmp_path / "results.json").read_text())["protonet"]
