@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -38,8 +39,25 @@ def disk_full_error(folder: object, what: str, kept: str = "") -> DiskFull:
                       "free some space or choose a --log_dir on another disk, then rerun")
 
 
+_ALLOCATION = re.compile(r"[Tt]ried to allocate ([0-9.]+ ?[A-Za-z]*)")
+
+
+def out_of_memory_line(err: BaseException) -> str | None:
+    """The one line for an allocation that failed (torch's CPU allocator, CUDA, Python), else None.
+    What the scripts cannot estimate before they start still ends without a traceback."""
+    text = str(err)
+    if not (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text):
+        return None
+    size = _ALLOCATION.search(text)
+    asked = f" (an allocation of {size.group(1)})" if size else ""
+    return (f"out of memory{asked}; lower the batch, model or data sizes, or use a device with more memory "
+            "(the last checkpoint, if any, is kept)")
+
+
 def cli_main(main: Callable[..., T]) -> Callable[..., T]:
-    """Decorator for a script's ``main``: turn :class:`CS330Error` into ``error: ...`` and exit 2."""
+    """Decorator for a script's ``main``: turn :class:`CS330Error` (and a failed allocation) into
+    ``error: ...`` and exit 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -47,6 +65,12 @@ def cli_main(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except CS330Error as err:
             print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except (MemoryError, RuntimeError) as err:
+            line = out_of_memory_line(err)
+            if line is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted; the last checkpoint is kept (continue with --resume)", file=sys.stderr)

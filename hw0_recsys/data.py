@@ -16,6 +16,7 @@ import torch
 
 from common.data import RemoteFile, fetch_extracted
 from common.errors import CS330Error
+from common.limits import check_fits
 
 ML100K_ZIP = RemoteFile(
     "ml-100k.zip", "https://files.grouplens.org/datasets/movielens/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723"
@@ -111,6 +112,9 @@ def load_split(name: str, data_dir: str | os.PathLike | None = None, test_fracti
     folder = ml100k_dir(data_dir)
     everything = read_ratings(folder / "u.data")
     num_users, num_items = int(everything.users.max()) + 1, int(everything.items.max()) + 1
+    # Every model scores all users x all items (float32) beside two [users, items] masks of who rated what.
+    check_fits(num_users * num_items * 6, f"{folder / 'u.data'} (largest user id {num_users}, item id {num_items}: "
+               "a score for every user-item pair)", "ids must number the users and items 1..N; fix the file")
     if name == "random":
         train, test = holdout(everything, test_fraction, RANDOM_SPLIT_SEED)
     else:

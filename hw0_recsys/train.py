@@ -48,6 +48,7 @@ from common.cli import (
 )
 from common.device import autocast, resolve_precision, setup_compute
 from common.errors import cli_main
+from common.limits import check_fits
 from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
@@ -409,6 +410,10 @@ def main(argv: list[str] | None = None) -> dict:
         # Who rated what, over the whole split: ids of the test pairs, never their ratings.
         rated = Ratings(torch.cat([split.train.users, split.test.users]), torch.cat([split.train.items,
                         split.test.items]), torch.zeros(len(split.train) + len(split.test)))
+    # Embeddings of every user and item (up to two tables), each weight with its gradient and Adam's two moments.
+    check_fits(16 * 2 * (split.num_users + split.num_items) * args.embedding_dim,
+               f"--embedding_dim {args.embedding_dim} ({split.num_users} users, {split.num_items} items)",
+               "lower --embedding_dim")
     seed_everything(args.seed)
     model = build_model(args, train, split.num_users, split.num_items, rated).to(device)
     train, evaluation = train.to(device), evaluation.to(device)

@@ -49,6 +49,7 @@ from common.checkpoint import capture_rng_state, check_model, load_checkpoint, r
 from common.cli import add_run_args, learning_rate, positive_int
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
+from common.limits import check_fits
 from common.omniglot import OmniglotStore
 from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
@@ -115,6 +116,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_sizes(args: argparse.Namespace) -> None:
+    """Refuse sizes whose memory no device here has. A lower bound of what one step holds: the meta-batch
+    (B tasks of T steps, an image and a label each), the LSTM states of every step kept for backward, the
+    memory model's memory at every step, and the weights with their gradients and Adam's moments."""
+    steps = args.num_classes * (args.presentations if args.protocol == "santoro" else args.num_shot + 1)
+    rows = args.meta_batch_size * steps
+    memory = rows * args.memory_slots * args.memory_dim if args.model == "memory" else 0
+    weights = 4 * args.hidden_dim * (784 + args.num_classes + args.hidden_dim)
+    check_fits(4 * (rows * (784 + args.num_classes + 8 * args.hidden_dim) + memory) + 16 * weights,
+               f"--meta_batch_size {args.meta_batch_size} x {steps} steps with --hidden_dim {args.hidden_dim}"
+               + (f", --memory_slots {args.memory_slots} x --memory_dim {args.memory_dim}" if memory else ""),
+               "lower the largest of these")
+
+
 def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
     """Every hyper-parameter in the name, the resolved precision included (resolved here when not given)."""
     if precision is None:
@@ -139,6 +154,7 @@ def make_sampler(args: argparse.Namespace, split_images: torch.Tensor, device: t
 @cli_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    check_sizes(args)
     device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
     world = distributed.init_from_env(device)  # one process: nothing happens
     check_meta_batch_split(args.meta_batch_size, world)

@@ -28,6 +28,7 @@ from common.checkpoint import capture_rng_state, check_model, load_checkpoint, r
 from common.cli import add_run_args, learning_rate, positive_int
 from common.device import autocast
 from common.errors import CS330Error
+from common.limits import check_fits
 from common.omniglot import NUM_DRAWINGS, PROTOCOLS, Episodes, EpisodeSampler, OmniglotStore
 from common.run import RunFolder
 from common.runlog import RunLogger, runs_root, write_json
@@ -189,6 +190,18 @@ def check_drawings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if k + q > NUM_DRAWINGS:
             parser.error(f"--{prefix}num_support + --{prefix}num_query = {k + q}, but an Omniglot character has "
                          f"only {NUM_DRAWINGS} drawings")
+    check_batch_memory(parser, args)
+
+
+def check_batch_memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a meta-batch whose images alone (float32 28x28) exceed the memory of every device here."""
+    way = max(getattr(args, "train_num_way", None) or args.num_way, getattr(args, "test_num_way", None) or 0)
+    shots = max(args.num_support + args.num_query, (args.test_num_support or 0) + (args.test_num_query or 0))
+    try:
+        check_fits(4 * 28 * 28 * args.batch_size * way * shots,
+                   f"--batch_size {args.batch_size} tasks of {way} classes x {shots} images", "lower --batch_size")
+    except CS330Error as err:
+        parser.error(str(err))
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -318,6 +318,23 @@ def test_resume_extends_num_epochs_and_refuses_other_changed_flags(synthetic_dir
     assert "already at --num_epochs 5, past the --num_epochs 4 asked for" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--embedding_dim", "100000000000"], "--embedding_dim 100000000000 (40 users, 60 items) needs at least "),
+    (["--huge_user_id"], "(largest user id 1000000000000, item id 60: a score for every user-item pair) needs at "),
+])
+def test_sizes_no_memory_can_hold_are_refused_before_any_work(synthetic_dir, tmp_path, capsys, flags, message):
+    """Issue 28: these ended in an allocator traceback."""
+    if flags == ["--huge_user_id"]:
+        ratings = synthetic_dir / "ml-100k" / "u.data"
+        ratings.write_text(ratings.read_text() + "1000000000000\t1\t3\t880000000\n")
+        flags = []
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(synthetic_dir, tmp_path / "run", *flags))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and message in errors[0], errors
+    assert "more than the" in errors[0] and not (tmp_path / "run").exists()
+
+
 def test_cosine_schedule_run_cannot_be_extended(synthetic_dir, tmp_path, capsys):
     """Issue 28: extending a cosine run with --resume switched its schedule mid-run (test RMSE 0.918
     against 0.943 uninterrupted) and recorded it as an ordinary cosine run of the new length."""

@@ -258,6 +258,15 @@ def test_test_mode_without_checkpoint_says_so(omniglot_data_dir, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1 and not run.exists()
 
 
+@pytest.mark.parametrize("flags", [["--meta_batch_size", "100000000"], ["--hidden_dim", "10000000000"],
+                                   ["--model", "memory", "--memory_slots", "10000000", "--memory_dim", "100000"]])
+def test_sizes_no_memory_can_hold_are_refused_before_any_work(omniglot_data_dir, tmp_path, capsys, flags):
+    """Issue 28: a meta-batch of 1e8 tasks (or a 1e10-unit LSTM) ended in an allocator traceback."""
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, tmp_path / "run", *TINY, *flags))
+    assert code == 2 and "needs at least" in err and f"{flags[-2]} {flags[-1]}" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_resume_shorter_than_the_checkpoint_is_refused(omniglot_data_dir, tmp_path, capsys):
     """Issue 28: --resume --train_steps 1 on a 2-step run used to exit 0 and label the 2-step model as 1 step."""
     run = tmp_path / "run"

@@ -75,3 +75,13 @@ def test_report_sentence_is_in_the_written_results(tmp_path, monkeypatch):
     text = experiments.report(frame, tmp_path)
     assert "on the same 7 test tasks" in text
     assert json.loads((tmp_path / "results.json").read_text())["protonet"]
+
+
+@pytest.mark.parametrize("flags", [["--batch_size", "100000000"], ["--batch_size", "100000", "--test_num_query", "15",
+                                                                   "--num_way", "100"]])
+def test_a_meta_batch_no_memory_can_hold_is_refused_at_parse_time(capsys, flags):
+    """Issue 28: a batch of 1e8 tasks ended in an allocator traceback after the run folder existed."""
+    with pytest.raises(SystemExit) as info:
+        maml_script.parse_args(flags)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--batch_size {flags[1]} tasks of " in err and "needs at least" in err, err
