@@ -33,6 +33,8 @@ run side by side. Writes ``results.json``, ``results.md`` (tables, cost) and ``s
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import matplotlib
@@ -42,6 +44,7 @@ import pandas as pd
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from common.cli import positive_int  # noqa: E402
 from common.errors import CS330Error, cli_main  # noqa: E402
 from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
 from common.runlog import write_json  # noqa: E402
@@ -289,18 +292,55 @@ def report_for(parts: list[str], sizes: dict):
     return report
 
 
+def model_mapping(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> ``(NAME, PATH)``."""
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (e.g. full=/models/tiny-gpt2), got {text!r}")
+    return name, path
+
+
+def resized(sizes: dict, args: argparse.Namespace) -> dict:
+    """The preset with ``--n_eval`` / ``--repeats`` / ``--max_steps`` applied (those given)."""
+    sizes = dict(sizes)
+    if args.n_eval:
+        sizes["n_eval"] = dict.fromkeys(sizes["n_eval"], args.n_eval)
+    if args.repeats:
+        sizes["repeats"] = args.repeats
+    if args.max_steps:
+        sizes["grid"] = {part: {**grid, "steps": (min(grid["steps"][0], args.max_steps), grid["steps"][1])}
+                         if "steps" in grid else grid for part, grid in sizes["grid"].items()}
+    return sizes
+
+
+def with_models(config: Config, model_map: dict[str, str]) -> Config:
+    """``config`` with its ``--model`` replaced as ``--model_map`` says (its name stays)."""
+    argv = list(config.argv)
+    where = argv.index("--model") + 1
+    argv[where] = model_map.get(argv[where], argv[where])
+    return dataclasses.replace(config, argv=argv)
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = grid_parser(__doc__, presets=tuple(PRESETS))
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--encoder", default=None, help="classifier for amazon (default: the preset's)")
     parser.add_argument("--lm", default=None, help="causal LM (default: the preset's)")
+    stand_in = parser.add_argument_group("stand-ins: a preset's whole pipeline on other models and small sizes")
+    stand_in.add_argument("--model_map", nargs="+", default=[], type=model_mapping, metavar="NAME=PATH",
+                          help="run the configurations of model NAME on PATH (a folder or hub id), names kept: "
+                               "e.g. --preset course --model_map bert-med=tiny/bert full=tiny/gpt2")
+    stand_in.add_argument("--n_eval", type=positive_int, default=None, help="evaluation examples of every task")
+    stand_in.add_argument("--repeats", type=positive_int, default=None, help="seeds per configuration")
+    stand_in.add_argument("--max_steps", type=positive_int, default=None, help="cap on every part's fine-tuning steps")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if unknown := [p for p in parts if p not in PARTS]:
         raise CS330Error(f"unknown part(s) {unknown}; choose from: {', '.join(PARTS)}")
-    sizes = {**PRESETS[args.preset], **{k: getattr(args, k) for k in ("encoder", "lm") if getattr(args, k)}}
-    configs = [config for part in parts for config in part_configs(part, sizes)]
+    sizes = resized({**PRESETS[args.preset], **{k: getattr(args, k) for k in ("encoder", "lm") if getattr(args, k)}},
+                    args)
+    configs = [with_models(config, dict(args.model_map)) for part in parts for config in part_configs(part, sizes)]
     # ft.py and icl.py keep no checkpoints and have no --resume: a killed run starts again.
     run_experiments(args, HOMEWORK, configs, report_for(parts, sizes), resume=False)
 
