@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -94,10 +95,19 @@ def usable_cores() -> int:
 
 def configure_threads(threads: int | None) -> int:
     """Set torch's intra-op threads: ``threads``, else ``$OMP_NUM_THREADS``, else the usable cores.
-    More threads than cores makes OpenMP workers spin against each other."""
+    More threads than cores makes OpenMP workers spin against each other (``--threads`` far above
+    the cores ran 27x slower, at a load average of 29), so a larger request is capped with a note."""
+    source = "--threads"
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
+        source = "OMP_NUM_THREADS"
         threads = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+    cores = usable_cores()
+    if threads > cores:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {source} {threads} is more than the {cores} cores this process may use; using {cores} "
+                  "(more threads than cores only wait for each other)", file=sys.stderr, flush=True)
+        threads = cores
     torch.set_num_threads(threads)
     return threads
 

@@ -134,6 +134,22 @@ def test_threads_default_to_the_usable_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_threads_beyond_the_usable_cores_are_capped_with_a_note(monkeypatch, capsys):
+    """Issue 28: --threads above the cores ran 27x slower (load average 29)."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(device_mod, "usable_cores", lambda: 1)
+        assert device_mod.configure_threads(64) == 1 == torch.get_num_threads()
+        assert capsys.readouterr().err == ("note: --threads 64 is more than the 1 cores this process may use; using 1 "
+                                           "(more threads than cores only wait for each other)\n")
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")
+        assert device_mod.configure_threads(None) == 1
+        assert "note: OMP_NUM_THREADS 8 is more than the 1 cores" in capsys.readouterr().err
+        assert device_mod.configure_threads(1) == 1 and capsys.readouterr().err == ""
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_hparams_of_a_finished_run_are_what_it_trained_with(tmp_path):
     with RunFolder.open(tmp_path / "run", {"lr": 0.1}) as run:
         logger = run.logger()
