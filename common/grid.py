@@ -42,9 +42,9 @@ import pandas as pd
 
 from common.cli import positive_int
 from common.device import DEVICE_CHOICES, PRECISION_CHOICES
-from common.errors import CS330Error
+from common.errors import CS330Error, disk_full_error, is_disk_full
 from common.readback import read_json
-from common.runlog import runs_root, write_json
+from common.runlog import runs_root, write_json, write_text
 
 MainFunction = Callable[[list[str]], Any]
 # Flags that do not change what a run computes: a finished run is reused whatever their values.
@@ -299,8 +299,13 @@ def run_experiments(args: argparse.Namespace, homework: str, configs: Sequence[C
         return pd.DataFrame()
     frame = collect(configs, root)
     if len(frame):
-        text = report(frame, root)
-        (root / "results.md").write_text(text + "\n")
+        try:
+            text = report(frame, root)  # it also saves its plots into root
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(root, "the report") from None
+            raise
+        write_text(root / "results.md", text + "\n")
         print(f"\n{text}\n\ntables in {root / 'results.md'}, plots in {root}")
     missing = [c.name for c in configs if c.name not in set(frame.get("name", []))]
     if missing:

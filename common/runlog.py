@@ -46,11 +46,16 @@ def jsonable(value: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename); a full disk is one error line, the old file kept."""
+    write_text(path, json.dumps(jsonable(obj), indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file + rename); a full disk is one error line, the old file kept."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(jsonable(obj), indent=2) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

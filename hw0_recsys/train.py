@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import capture_rng_state, restore_rng_state
+from common.checkpoint import atomic_save, capture_rng_state, restore_rng_state
 from common.cli import (
     add_run_args,
     int_list,
@@ -352,7 +352,7 @@ def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: i
         predicted = model(test.users, test.items)[1]
     model.train()
     if predictions_path is not None:
-        torch.save({"users": test.users.cpu(), "items": test.items.cpu(), "ratings": test.ratings.cpu(),
+        atomic_save({"users": test.users.cpu(), "items": test.items.cpu(), "ratings": test.ratings.cpu(),
                     "predicted": predicted.cpu()}, predictions_path)
     train_seen = interaction_matrix(train, num_users, num_items)
     metrics = {"mrr": mrr_score(scores, train_seen, test.users, test.items)}

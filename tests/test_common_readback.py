@@ -195,3 +195,17 @@ def test_json_write_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(CS330Error, match="^no space left on .*: results.json was not written"):
         write_json(tmp_path / "results.json", {"acc": 2})
     assert json.loads((tmp_path / "results.json").read_text()) == {"acc": 1}
+
+
+def test_full_disk_while_writing_a_grid_report_is_one_line(tmp_path):
+    from common.grid import grid_parser, run_experiments
+
+    def report(frame, out):
+        enospc()  # matplotlib's savefig on a full disk
+
+    def script(argv):
+        write_json(tmp_path / "lr0.1" / "results.json", {"hparams": {}, "metrics": {"acc": 1.0}})
+
+    args = grid_parser(None).parse_args(["--out_dir", str(tmp_path)])
+    with pytest.raises(CS330Error, match=f"^no space left on {tmp_path}: the report was not written"):
+        run_experiments(args, "hw", [Config("lr0.1", script, [])], report)

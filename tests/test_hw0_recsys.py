@@ -335,6 +335,26 @@ def test_sizes_no_memory_can_hold_are_refused_before_any_work(synthetic_dir, tmp
     assert "more than the" in errors[0] and not (tmp_path / "run").exists()
 
 
+def test_full_disk_at_the_predictions_is_one_line_and_keeps_the_checkpoint(synthetic_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Issue 28: predictions.pt was written in place with torch.save: a traceback on a full disk."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "predicted" in obj:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(train_args(synthetic_dir, run_dir, "--batch_size", "64", "--num_epochs", "1",
+                                     "--save_predictions"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: no space left on {run_dir}: predictions.pt was not written" in err
+    assert list_checkpoints(run_dir) and not list(run_dir.glob(".*.tmp")) and not (run_dir / "results.json").exists()
+
+
 def test_cosine_schedule_run_cannot_be_extended(synthetic_dir, tmp_path, capsys):
     """Issue 28: extending a cosine run with --resume switched its schedule mid-run (test RMSE 0.918
     against 0.943 uninterrupted) and recorded it as an ordinary cosine run of the new length."""
