@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,15 +199,42 @@ def _hub(*args, **kwargs):
                          "Set CS330_DATA_MIRROR or --data_dir to a folder holding lm_fewshot/") from None
 
 
+# The hub's rows -> Examples. The loaders keep lists of Examples rather than ``datasets.Dataset``s:
+# pools hold at most 10k short rows, drawn from by index with a seeded ``random.Random``, and the
+# local JSONL files are read line by line so that a broken line is named (file and line); a Dataset
+# would add a conversion at every draw and buy nothing at this size. ``datasets`` fetches the hub
+# splits, and these functions turn its rows into the Examples the local files give (tests check it).
+def amazon_hub_examples(rows: Iterable[dict]) -> list[Example]:
+    """amazon_us_reviews rows (``review_body``, ``star_rating`` 1..5), reviews mentioning "sex" left out
+    as in the course."""
+    return [Example(r["review_body"], int(r["star_rating"]) - 1) for r in rows if "sex" not in r["review_body"].lower()]
+
+
+def xsum_hub_examples(rows: Iterable[dict]) -> list[Example]:
+    return [Example(r["document"], r["summary"]) for r in rows]
+
+
+def babi_hub_examples(rows: Iterable[dict]) -> list[Example]:
+    """babi_qa rows: one story each, its lines as lists (``id``, ``text``, ``answer``,
+    ``supporting_ids``, ``type`` 0 = statement, 1 = question), written back in the original format
+    and parsed like the local files."""
+    examples = []
+    for row in rows:
+        story = row["story"]
+        lines = [f"{i} {t}" + (f"\t{a}\t{' '.join(s)}" if kind == 1 else "")
+                 for i, t, a, s, kind in zip(story["id"], story["text"], story["answer"], story["supporting_ids"],
+                                             story["type"])]
+        examples.extend(Example(q.x, q.answer) for q in parse_babi(lines, source="hub babi_qa"))
+    return examples
+
+
 def _load_amazon(seed: int, n_eval: int, data_dir: str | None) -> TaskData:
     path = find_local(AMAZON_RELPATH, data_dir)
     if path is not None:
         rows = read_jsonl(path, AMAZON_FIELDS, _amazon_example)
         source = str(path)
     else:  # the course's data: Amazon US reviews of videos, reviews mentioning "sex" removed
-        hub = _hub("amazon_us_reviews", "Video_v1_00", split="train")
-        rows = [Example(r["review_body"], int(r["star_rating"]) - 1) for r in hub
-                if "sex" not in r["review_body"].lower()]
+        rows = amazon_hub_examples(_hub("amazon_us_reviews", "Video_v1_00", split="train"))
         source = "hub:amazon_us_reviews/Video_v1_00"
     pool, evaluation, note = _split_balanced(rows, seed, n_eval)
     return TaskData("amazon", pool, evaluation, source, note)
@@ -228,8 +255,7 @@ def _load_xsum(seed: int, n_eval: int, data_dir: str | None, max_words: int) -> 
                 f"summary have fewer than {max_words} words" + _overlap_note(removed, "document"))
         source = " + ".join(str(p) for p in local)
     else:
-        hub = _hub("xsum", split="train")
-        rows = [ex for ex in (Example(r["document"], r["summary"]) for r in hub) if short(ex)]
+        rows = [ex for ex in xsum_hub_examples(_hub("xsum", split="train")) if short(ex)]
         random.Random(seed).shuffle(rows)
         eval_rows = _take_eval(rows, n_eval, f"xsum train split (rows under {max_words} words)")
         pool_rows, removed = _disjoint(rows[n_eval:], eval_rows)
@@ -255,14 +281,7 @@ def _load_babi(seed: int, n_eval: int, data_dir: str | None) -> TaskData:
         note = f"the {len(pool_all)} questions of {pool_path.name}" + _overlap_note(removed, "question")
         source = f"{pool_path} + {eval_path}"
     else:  # the course's config; the hub's story format holds statements (type 0) and questions (type 1)
-        hub = _hub("babi_qa", "en-valid-10k-qa1", split="train")
-        questions = []
-        for row in hub:
-            story = row["story"]
-            lines = [f"{i} {t}" + (f"\t{a}\t{' '.join(s)}" if kind == 1 else "")
-                     for i, t, a, s, kind in zip(story["id"], story["text"], story["answer"],
-                                                 story["supporting_ids"], story["type"])]
-            questions.extend(to_example(q) for q in parse_babi(lines, source="hub babi_qa"))
+        questions = babi_hub_examples(_hub("babi_qa", "en-valid-10k-qa1", split="train"))
         random.Random(seed).shuffle(questions)
         eval_rows = _take_eval(questions, n_eval, "hub bAbI split")
         pool_rows, removed = _disjoint(questions[n_eval:], eval_rows)
