@@ -111,11 +111,14 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
     path = checkpoint_dir(run_dir) / f"step{step:07d}.pt"
     try:
         atomic_save({"step": step, **state}, path)
-    except DiskFull:
+    except (DiskFull, OSError) as err:
         kept = list_checkpoints(run_dir)
         where = (f"the last good checkpoint (step {max(kept)}) is kept (continue with --resume)" if kept
                  else "no checkpoint had been written yet")
-        raise disk_full_error(path.parent, f"the checkpoint of step {step}", where) from None
+        if isinstance(err, DiskFull):
+            raise disk_full_error(path.parent, f"the checkpoint of step {step}", where) from None
+        raise CS330Error(f"cannot write the checkpoint of step {step} to {path.parent} ({err.strerror or err}); "
+                         f"{where}; make the folder writable again, then rerun") from None
     if keep_last is not None:
         for old_step, old_path in list(list_checkpoints(run_dir).items())[:-keep_last]:
             if old_step != step:

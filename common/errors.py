@@ -36,7 +36,7 @@ class DiskFull(CS330Error):
 def disk_full_error(folder: object, what: str, kept: str = "") -> DiskFull:
     """The one line for a write that found the disk full: where, what was not written, what was kept."""
     return DiskFull(f"no space left on {folder}: {what} was not written{'; ' + kept if kept else ''}; "
-                      "free some space or choose a --log_dir on another disk, then rerun")
+                    "free some space there or choose a folder on another disk (--log_dir, --data_dir), then rerun")
 
 
 _ALLOCATION = re.compile(r"[Tt]ried to allocate ([0-9.]+ ?[A-Za-z]*)")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import atomic_save
 from common.data import RemoteFile, data_root, fetch
-from common.errors import CS330Error
+from common.errors import CS330Error, DiskFull
 
 _BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_ARCHIVES = (
@@ -170,6 +170,9 @@ def _write_cache(cache: Path, key: str, images: torch.Tensor, characters: list[s
     payload = {"key": key, "images": images, "characters": characters, "checksum": _checksum(images, characters)}
     try:
         atomic_save(payload, cache)
+    except DiskFull:
+        _warn(f"no space left on {cache.parent} for the Omniglot cache; running from memory, the next run "
+              "decodes the zips again")
     except OSError as err:
         _warn(f"cannot write the Omniglot cache to {cache} ({_reason(err)}); running from memory, "
               "the next run decodes the zips again")

@@ -7,6 +7,7 @@ progress bar showing the latest metrics, and the final metrics in ``results.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from common.errors import disk_full_error, is_disk_full
+from common.errors import CS330Error, disk_full_error, is_disk_full
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -58,10 +59,12 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         if is_disk_full(err):
             raise disk_full_error(path.parent, path.name) from None
-        raise
+        raise CS330Error(f"cannot write {path} ({err.strerror or err}); make {path.parent} writable (or choose "
+                         "another folder), then rerun") from None
 
 
 class RunLogger:

@@ -192,6 +192,16 @@ def test_unwritable_cache_runs_from_memory(small_data_dir, monkeypatch, capsys):
     assert cache.exists() and messages(capsys) == []
 
 
+def test_cache_on_a_full_disk_runs_from_memory(small_data_dir, monkeypatch, capsys):
+    """Issue 28: the disk filling up while the cache is written costs a decode, never the run."""
+    monkeypatch.setattr("common.checkpoint.torch.save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
+    assert OmniglotStore.load(small_data_dir).images.shape == (9, 20, 28, 28)
+    cache = cache_path(small_data_dir)
+    assert messages(capsys) == [f"warning: no space left on {cache.parent} for the Omniglot cache; running from "
+                                "memory, the next run decodes the zips again"]
+    assert not cache.exists() and not list(cache.parent.glob(".*.tmp"))
+
+
 def test_missing_archives_give_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("CS330_DATA_MIRROR", raising=False)
     monkeypatch.setattr("common.omniglot.OMNIGLOT_ARCHIVES", tuple(

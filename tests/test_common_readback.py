@@ -209,3 +209,24 @@ def test_full_disk_while_writing_a_grid_report_is_one_line(tmp_path):
     args = grid_parser(None).parse_args(["--out_dir", str(tmp_path)])
     with pytest.raises(CS330Error, match=f"^no space left on {tmp_path}: the report was not written"):
         run_experiments(args, "hw", [Config("lr0.1", script, [])], report)
+
+
+def test_a_checkpoint_folder_that_became_unwritable_is_one_line(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}})
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint_mod.torch, "save", read_only)
+    with pytest.raises(CS330Error, match=r"^cannot write the checkpoint of step 2 to .*checkpoints \(Read-only file "
+                                         r"system\); the last good checkpoint \(step 1\) is kept"):
+        save_checkpoint(tmp_path, 2, {"model": {"w": torch.ones(2)}})
+
+
+def test_json_write_refused_by_the_system_is_one_line(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("pathlib.Path.write_text", denied)
+    with pytest.raises(CS330Error, match=r"^cannot write .*hparams.json \(Permission denied\); make .* writable"):
+        write_json(tmp_path / "hparams.json", {"lr": 0.1})
