@@ -8,8 +8,9 @@ in-context learning on the same tasks, with tables, a cost table and plots.
 Parts (``--parts`` picks some; the grid is in CPU / COURSE / SMOKE below):
 - ``amazon_ft``: the encoder fine-tuned on 5-way star ratings, modes all / last / first / middle /
   lora4 / lora16, k = 1, 8, 128 per class, until the support set is fitted (or a step limit).
-- ``amazon_icl``: the causal LM on the same reviews in context, k = 0, 1, 4 per class, the label
-  scored by likelihood (the most likely of " 1" .. " 5" after "Stars:").
+- ``amazon_icl``: the causal LM on the same reviews in context, k = 0, 1, 4 per class (``course``:
+  0, 1, what GPT-2's 1024 tokens hold), the label scored by likelihood (the most likely of " 1" ..
+  " 5" after "Stars:").
 - ``babi_icl`` (k = 0, 1, 4, 16) against ``babi_ft`` (last, lora4, lora16, all at k = 1, 8, 64).
 - ``babi_order``: ICL at k = 16 with 5 orderings of each seed's support set.
 - ``xsum_icl`` (prompts none / tldr / custom, k = 0, 1, 4) against ``xsum_ft`` (lora16, last).

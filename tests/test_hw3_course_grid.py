@@ -76,3 +76,19 @@ def test_course_preset_runs_end_to_end_on_tiny_stand_ins(tmp_path, tmp_path_fact
         "xsum_ft": 6, "bf16": 2, "amazon_calib": 2, "babi_calib": 4}
     hparams = json.loads((out / "amazon_ft_bert-med_lora4_k128" / "hparams.json").read_text())
     assert hparams["model"] == str(bert) and hparams["max_steps"] == 1 and hparams["n_eval"] == 5
+
+
+def test_model_map_and_stand_in_sizes_change_only_what_they_name(capsys):
+    config = experiments.icl_config(experiments.PRESETS["course"], "babi_icl", "babi", "qa", 4)
+    mapped = experiments.with_models(config, {"full": "/models/gpt2", "bert-med": "/models/bert"})
+    assert mapped.name == config.name == "babi_icl_full_qa_k4"
+    assert mapped.argv == [("/models/gpt2" if a == "full" else a) for a in config.argv]
+    namespace = type("Args", (), {"n_eval": 5, "repeats": None, "max_steps": 3})()
+    sizes = experiments.resized(experiments.PRESETS["course"], namespace)
+    assert sizes["n_eval"] == {"amazon": 5, "babi": 5, "xsum": 5} and sizes["repeats"] == 3
+    assert sizes["grid"]["amazon_ft"]["steps"] == (3, 1.0) and sizes["grid"]["babi_icl"] == {"k": [0, 1, 4, 16],
+                                                                                               "prompts": ["qa"]}
+    assert experiments.PRESETS["course"]["grid"]["amazon_ft"]["steps"] == (600, 1.0)  # the preset is left as it was
+    with pytest.raises(SystemExit) as info:
+        experiments.main(["--preset", "course", "--dry_run", "--model_map", "full"])
+    assert info.value.code == 2 and "expected NAME=PATH" in capsys.readouterr().err
