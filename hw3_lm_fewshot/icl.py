@@ -63,6 +63,13 @@ from hw3_lm_fewshot.prompts import (
 CONTENT_FREE = "N/A"  # Zhao et al. 2021's content-free input
 
 
+def check_calibrate(dataset: str, fixed_support: bool) -> None:
+    """Calibration scores labels (amazon, babi) against one content-free read per prompt (a fixed support set)."""
+    if dataset not in ("amazon", "babi") or not fixed_support:
+        raise CS330Error("--calibrate scores labels under one prompt per support set: it needs --support fixed and "
+                         f"--dataset amazon or babi (got {'fixed' if fixed_support else 'per_query'}, {dataset})")
+
+
 def contextual_calibration(label_probs: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
     """Zhao et al. 2021: each row of label probabilities [N, C] divided by the probabilities the same
     prompt gives a content-free input [C], then renormalised. A label the prompt favours whatever
@@ -121,10 +128,7 @@ def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, ma
     check_prompt(prompt)
     by_label = task.name == "amazon" or calibrate
     if calibrate:
-        task_labels(task)  # a clear error for xsum
-        if not fixed_support:
-            raise CS330Error("--calibrate divides by a content-free input's label probabilities under one prompt: "
-                             "add --support fixed (one support set per seed)")
+        check_calibrate(task.name, fixed_support)
     sample_support(task, k, seed)  # a clear error now if k does not fit the pool
     prefix_ids, queries, truncated = encode_queries(tokenizer, model, task, k, prompt, seed, fixed_support,
                                                     ordering, max_context)
@@ -188,9 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         check_icl_task(args.dataset, prompt)
     if args.orderings > 1 and args.support != "fixed":
         raise CS330Error("--orderings permutes a fixed support set: add --support fixed")
-    if args.calibrate and (args.support != "fixed" or args.dataset not in ("amazon", "babi")):
-        raise CS330Error("--calibrate scores labels under one prompt per support set: it needs --support fixed "
-                         f"and --dataset amazon or babi (got --support {args.support}, --dataset {args.dataset})")
+    if args.calibrate:
+        check_calibrate(args.dataset, args.support == "fixed")
     device, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
     # everything that can fail before the evaluation fails here, before a run folder exists
     spec = resolve_model(args.model or "smollm2")
