@@ -514,3 +514,19 @@ def test_calibrated_labels_divide_by_the_content_free_input(tiny_models, arch, t
         assert plain_run["score"] == result["uncalibrated_score"]
     assert result["score"] == sum(labels[c] == r for c, r in zip(calibrated, references)) / len(references)
     assert result["prompt"] == "qa+calibrated" and result["generated_tokens"] == 0
+
+
+@pytest.mark.parametrize("arch", BUILDERS)
+def test_a_padded_classification_batch_scores_each_review_as_alone(tiny_models, arch):
+    """GPT-2 and Llama have no pad token (the eos stands in) and classify from the last real token:
+    padding a short review to a long one's length must not change its logits."""
+    from hw3_lm_fewshot.ft import classification_batch
+
+    model, tokenizer = load(tiny_models[arch], classifier=True)
+    examples = amazon_task().eval
+    batch = classification_batch(tokenizer, examples, 100, "cpu")
+    assert (batch["attention_mask"] == 0).any()  # some rows are padded
+    with torch.inference_mode():
+        together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        alone = torch.cat([model(**tokenizer(ex.x, return_tensors="pt")).logits for ex in examples])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
