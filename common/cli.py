@@ -132,4 +132,5 @@ def add_run_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed", see
         group.add_argument("--resume", action="store_true",
                            help="continue the run in --log_dir (or the default run folder) from its latest "
                                 "checkpoint; with no checkpoint there, start it fresh. Every flag must equal the "
-                                "run's, except the run length, intervals, device and threads")
+                                "run's, except the run length (at least the checkpoint's step), intervals, device "
+                                "and threads")

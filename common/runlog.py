@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +104,22 @@ class RunLogger:
         run_dir = Path(log_dir) if log_dir else runs_root() / homework / run_name
         return cls(run_dir, hparams, **kwargs)
 
+    @contextlib.contextmanager
+    def _writing_events(self) -> Iterator[None]:
+        """TensorBoard writes from a thread and raises its OSError at a later call: a full disk is one line."""
+        try:
+            yield
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full_error(self.run_dir, "TensorBoard's event file") from None
+            raise
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Write scalars to TensorBoard (tags like ``train/loss``)."""
         if self.writer is not None:
-            for tag, value in metrics.items():
-                self.writer.add_scalar(tag, float(value), step)
+            with self._writing_events():
+                for tag, value in metrics.items():
+                    self.writer.add_scalar(tag, float(value), step)
 
     def advance(self, step: int, **postfix: float) -> None:
         """Move the progress bar to ``step`` and show the given metrics beside it."""
@@ -128,13 +139,16 @@ class RunLogger:
         if self.writer is not None:
             scalars = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             tb_hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.hparams.items()}
-            self.writer.add_hparams(tb_hparams, scalars, run_name=".")
+            with self._writing_events():
+                self.writer.add_hparams(tb_hparams, scalars, run_name=".")
         return path
 
     def close(self) -> None:
         self.bar.close()
         if self.writer is not None:
-            self.writer.close()
+            writer, self.writer = self.writer, None  # closed once, even when closing fails
+            with self._writing_events():
+                writer.close()
 
     def __enter__(self) -> RunLogger:
         return self

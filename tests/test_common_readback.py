@@ -230,3 +230,16 @@ def test_json_write_refused_by_the_system_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr("pathlib.Path.write_text", denied)
     with pytest.raises(CS330Error, match=r"^cannot write .*hparams.json \(Permission denied\); make .* writable"):
         write_json(tmp_path / "hparams.json", {"lr": 0.1})
+
+
+def test_full_disk_under_tensorboard_is_one_line(tmp_path, monkeypatch):
+    """TensorBoard's writer thread keeps the OSError of a failed write and raises it at the next call."""
+    with RunFolder.open(tmp_path / "run", {"lr": 0.1}) as run:
+        logger = run.logger()
+        monkeypatch.setattr(logger.writer, "add_scalar", enospc)
+        with pytest.raises(CS330Error, match="^no space left on .*run: TensorBoard's event file was not written"):
+            logger.log({"train/loss": 1.0}, 1)
+        monkeypatch.setattr(logger.writer, "close", enospc)
+        with pytest.raises(CS330Error, match="^no space left on"):
+            logger.close()
+        logger.close()  # closed once
