@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from common.errors import CS330Error
+from common.errors import CS330Error, disk_full_error, is_disk_full
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,6 +160,8 @@ def fetch(remote: RemoteFile, data_dir: str | os.PathLike | None = None, allow_d
         except ChecksumError:
             raise
         except (urllib.error.URLError, OSError, ValueError) as err:
+            if is_disk_full(err):  # no other copy helps: the data directory itself is full
+                raise disk_full_error(dest.parent, f"the download of {remote.name}") from None
             reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
             failure = f"download failed: {reason}"
     looked = "\n".join(f"  - {path}  [{why}]" for path, why in candidate_paths(remote.relpath, data_dir))
@@ -205,6 +207,10 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full_error(dest.parent, f"the extraction of {archive.name}") from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -176,3 +176,39 @@ def test_interrupted_download_leftovers_are_never_reused(server, tmp_path):
     assert fetch(remote, tmp_path).read_bytes() == GOOD_ZIP
     assert all(path.read_bytes() == GOOD_ZIP[:10] for path in stale)
     assert leftovers(folder) == sorted([p.name for p in stale] + ["toy.zip"])
+
+
+def test_full_disk_during_a_download_or_an_extraction_is_one_line(server, tmp_path, monkeypatch):
+    """Issue 28: a full data disk was reported as 'could not find' (download) or a traceback (extraction)."""
+    import errno
+
+    remote = RemoteFile("toy/toy.zip", f"{server}/toy.zip", hashlib.md5(GOOD_ZIP).hexdigest())
+    real_open = __import__("os").fdopen
+
+    class FullFile:
+        def __init__(self, fd, mode):
+            self.file = real_open(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("common.data.os.fdopen", FullFile)
+    with pytest.raises(CS330Error, match=r"^no space left on .*toy: the download of toy.zip was not written") as info:
+        fetch(remote, tmp_path / "data")
+    assert "\n" not in str(info.value) and not (tmp_path / "data").exists()
+    monkeypatch.undo()
+    archive = fetch(remote, tmp_path / "data")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", full)
+    with pytest.raises(CS330Error, match=r"^no space left on .*: the extraction of toy.zip was not written"):
+        safe_extract(archive, tmp_path / "out" / "toy")
+    assert leftovers(tmp_path / "out") == []
