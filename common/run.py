@@ -28,6 +28,7 @@ What every run gets, in the same words in every homework (see the root README):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -94,7 +95,6 @@ class RunFolder:
         probe = self.path / f".write-test-{os.getpid()}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe.touch()
             with open(probe, "wb") as f:
                 f.write(bytes(PROBE_BYTES))
                 f.flush()
@@ -105,7 +105,8 @@ class RunFolder:
             raise CS330Error(f"cannot write the run folder {self.path} ({err.strerror or err}); "
                              "pass --log_dir with a writable folder") from None
         finally:
-            probe.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
 
     def discard_if_new(self) -> None:
         """After a failed start: remove the folders this run created (nothing of an earlier run is in

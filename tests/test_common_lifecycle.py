@@ -91,9 +91,13 @@ def test_unwritable_run_folder_is_one_clear_error(tmp_path, monkeypatch):
     def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("pathlib.Path.touch", refuse)
+    monkeypatch.setattr("pathlib.Path.mkdir", refuse)
     with pytest.raises(CS330Error, match="cannot write the run folder .*Permission denied.*--log_dir"):
         RunFolder.open(tmp_path / "run", {})
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CS330Error, match="cannot write the run folder .*file/run"):
+        RunFolder.open(tmp_path / "file" / "run", {})
 
 
 def test_a_second_process_on_the_same_folder_is_refused_and_a_killed_holder_frees_it(tmp_path):
