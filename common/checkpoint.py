@@ -32,14 +32,10 @@ def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a kill mid-write
     leaves the previous file intact instead of a truncated one."""
     path = Path(path)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        if is_disk_full(err):
-            raise disk_full_error(path.parent, path.name) from None
-        raise
-    try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -50,7 +46,8 @@ def atomic_save(obj: Any, path: Path) -> None:
             raise disk_full_error(path.parent, path.name) from None
         raise
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _write_failed_on_full_disk(err: BaseException, folder: Path) -> bool:
