@@ -468,20 +468,19 @@ def test_second_run_on_the_same_folder_is_refused_naming_the_first(synthetic_dir
 
 
 def test_read_only_log_dir_is_a_one_line_error(synthetic_dir, tmp_path, monkeypatch, capsys):
-    real_touch = Path.touch
-
-    def read_only_touch(path, *args, **kwargs):  # as root every folder is writable: simulate EROFS
-        if path.name.startswith(".write-test"):
+    def read_only_open(path, *args, **kwargs):  # as root every folder is writable: simulate EROFS
+        if Path(path).name.startswith(".write-test"):
             raise OSError(30, "Read-only file system")
-        return real_touch(path, *args, **kwargs)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "touch", read_only_touch)
+    monkeypatch.setattr("common.run.open", read_only_open, raising=False)  # the probe's write
     with pytest.raises(SystemExit) as exit_info:
         train_script.main(train_args(synthetic_dir, tmp_path / "run", "--num_epochs", "1"))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.strip().splitlines() == [f"error: cannot write the run folder {tmp_path / 'run'} (Read-only file "
                                         "system); pass --log_dir with a writable folder"]
+    assert not (tmp_path / "run").exists()  # a failed start leaves no folder behind
 
 
 def test_bad_data_fails_before_the_run_folder_exists(tmp_path, capsys):
