@@ -102,10 +102,13 @@ def configure_threads(threads: int | None) -> int:
         env = os.environ.get("OMP_NUM_THREADS", "")
         source = "OMP_NUM_THREADS"
         threads = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
-    cores = usable_cores()
+    # Under torchrun the processes of one machine share its cores (LOCAL_WORLD_SIZE of them).
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    cores = max(1, usable_cores() // processes)
     if threads > cores:
         if os.environ.get("RANK", "0") == "0":
-            print(f"note: {source} {threads} is more than the {cores} cores this process may use; using {cores} "
+            whose = f"each of this machine's {processes} processes" if processes > 1 else "this process"
+            print(f"note: {source} {threads} is more than the {cores} cores {whose} may use; using {cores} "
                   "(more threads than cores only wait for each other)", file=sys.stderr, flush=True)
         threads = cores
     torch.set_num_threads(threads)

@@ -150,6 +150,11 @@ def test_threads_beyond_the_usable_cores_are_capped_with_a_note(monkeypatch, cap
         assert device_mod.configure_threads(None) == 1
         assert "note: OMP_NUM_THREADS 8 is more than the 1 cores" in capsys.readouterr().err
         assert device_mod.configure_threads(1) == 1 and capsys.readouterr().err == ""
+        monkeypatch.setattr(device_mod, "usable_cores", lambda: 4)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes share the 4 cores
+        assert device_mod.configure_threads(4) == 2
+        err = capsys.readouterr().err
+        assert "note: --threads 4 is more than the 2 cores each of this machine's 2 processes may use" in err
     finally:
         torch.set_num_threads(before)
 
