@@ -182,7 +182,7 @@ def test_full_disk_writing_hparams_leaves_no_new_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_refused_start_leaves_no_new_folder_but_keeps_an_existing_one(tmp_path):
+def test_a_refused_second_start_keeps_the_first_runs_folder(tmp_path):
     with pytest.raises(CS330Error, match="in use by another run"):
         with RunFolder.open(tmp_path / "run", {}):
             RunFolder.open(tmp_path / "run", {})
