@@ -289,6 +289,25 @@ def test_resume_without_stored_flags_is_refused(omniglot_data_dir, tmp_path, cap
     assert checkpoints(run)[-1] == "step0000002.pt" and not (run / "hparams.json").exists()
 
 
+def test_full_disk_at_start_or_at_a_checkpoint_is_one_line(omniglot_data_dir, tmp_path, capsys, monkeypatch):
+    """Issue 28: a full disk was an OSError (or torch's inline_container RuntimeError) traceback."""
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    run = tmp_path / "new" / "run"
+    monkeypatch.setattr("common.run.os.fsync", full)  # the start's probe write
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY))
+    assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: no space left on {run}: "), err
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    train_script.main(run_flags(omniglot_data_dir, run, *TINY))
+    monkeypatch.setattr("common.checkpoint.torch.save", full)
+    code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, run, *TINY, "--resume", "--train_steps", "3"))
+    assert code == 2 and (f"error: no space left on {run / 'checkpoints'}: the checkpoint of step 3 was not written; "
+                          "the last good checkpoint (step 2) is kept") in err, err
+    assert checkpoints(run) == ["step0000001.pt", "step0000002.pt"] and results(run)["steps"] == 2
+
+
 def test_test_mode_on_a_checkpoint_of_another_model_is_one_line(omniglot_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     train_script.main(run_flags(omniglot_data_dir, run, *TINY))
