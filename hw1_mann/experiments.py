@@ -83,6 +83,21 @@ def configs(preset: str) -> list[Config]:
     return result
 
 
+def ran_with(frame: pd.DataFrame, names: list[str], column: str, planned: object) -> object:
+    """What the finished runs among ``names`` ran with for the flag ``column`` (their results.json's
+    hparams), so a report never states the preset's number for runs made otherwise; ``planned`` while
+    none has recorded it, and ``"a or b"`` for a mix."""
+    found = (lookup(frame, name, column) for name in names)
+    unique = {getattr(value, "item", lambda v=value: v)() for value in found if value is not None}  # numpy -> python
+    try:
+        values = sorted(unique)
+    except TypeError:  # values of several types
+        values = sorted(unique, key=str)
+    if not values:
+        return planned
+    return values[0] if len(values) == 1 else " or ".join(map(str, values))
+
+
 def report_for(preset: str):
     """The report of ``preset``: a table row per experiment, a plot panel per group."""
     runs = PRESETS[preset]["runs"]
@@ -103,9 +118,12 @@ def report_for(preset: str):
                          f"{lookup(frame, name, 'test_acc_ci95'):.3f} | {by_instance} | "
                          f"{lookup(frame, name, 'val_acc', float('nan')):.3f} | "
                          f"{lookup(frame, name, 'steps_per_sec', float('nan')):.1f} |")
-        header = (f"Runs of {PRESETS[preset]['train_steps']} steps, meta-batch 128, lr 1e-3; test accuracy over "
-                  f"{PRESETS[preset]['num_test_tasks']} test tasks; by instance: query accuracy after 0..K "
-                  "support rows.")
+        names = [run_name(*key[1:]) for key in runs if key[0] != "santoro"]
+        header = (f"Runs of {ran_with(frame, names, 'train_steps', PRESETS[preset]['train_steps'])} steps, "
+                  f"meta-batch {ran_with(frame, names, 'meta_batch_size', 128)}, lr "
+                  f"{ran_with(frame, names, 'learning_rate', 1e-3)}; test accuracy over "
+                  f"{ran_with(frame, names, 'num_test_tasks', PRESETS[preset]['num_test_tasks'])} test tasks; by "
+                  "instance: query accuracy after 0..K support rows.")
         if len(seed_accs) > 1:
             header += (f" Seeds at (K, N) = (1, 4): mean {np.mean(seed_accs):.3f}, std {np.std(seed_accs, ddof=1):.3f} "
                        f"over {len(seed_accs)} seeds.")
@@ -123,11 +141,13 @@ def plot(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
     groups = [g for g in GROUP_TITLES if any(key[0] == g for key in runs)]
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
+        names = [run_name(*key[1:]) for key in runs if key[0] == group]
         for _, model, shots, ways, hidden, seed in (key for key in runs if key[0] == group):
             history = lookup(frame, run_name(model, shots, ways, hidden, seed), "history", [])
             ax.plot([h["step"] for h in history], [h["test_acc"] for h in history],
                     label=f"{model} K={shots} N={ways} H={hidden} seed {seed}")
-        ax.set(title=GROUP_TITLES[group], xlabel="training step", ylabel="test query accuracy (128 tasks)")
+        ax.set(title=GROUP_TITLES[group], xlabel="training step",
+               ylabel=f"test query accuracy ({ran_with(frame, names, 'eval_tasks', 128)} tasks)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -158,13 +178,20 @@ def santoro_table(frame: pd.DataFrame, runs: list[tuple], preset: str) -> str:
                          + " | ".join(f"**{m:.1f} ± {d:.1f}**" for m, d in zip(mean, std)) + " | | |")
         paper = " | ".join(f"{a:.1f}" for a in PAPER[model])
         lines.append(f"| {model}, Santoro et al. table 1 | | {paper} | | |")
-    sizes = PRESETS[preset]
-    header = (f"Santoro et al. protocol: 5 classes x 10 presentations, labels one step late, meta-batch 16, hidden "
-              f"200, Adam lr 1e-3, {sizes['santoro_steps']} steps ({16 * sizes['santoro_steps']:,} episodes); percent "
-              f"correct on {sizes['num_test_tasks']} test episodes, each instance column over "
-              f"{5 * sizes['num_test_tasks']} presentations (binomial 95% interval at most ± "
-              f"{196 * (0.25 / (5 * sizes['num_test_tasks'])) ** 0.5:.1f} points).")
-    return header + "\n\n" + "\n".join(lines)
+    return santoro_header(frame, [run_name(*key[1:]) for key in runs], PRESETS[preset]) + "\n\n" + "\n".join(lines)
+
+
+def santoro_header(frame: pd.DataFrame, names: list[str], sizes: dict) -> str:
+    """The protocol's sizes as the finished runs ran them (the preset's while none has finished)."""
+    steps, batch, tests = (ran_with(frame, names, column, planned) for column, planned in (
+        ("train_steps", sizes["santoro_steps"]), ("meta_batch_size", 16), ("num_test_tasks", sizes["num_test_tasks"])))
+    episodes = f" ({batch * steps:,} episodes)" if isinstance(steps, int) and isinstance(batch, int) else ""
+    per_instance = (f", each instance column over {5 * tests} presentations (binomial 95% interval at most ± "
+                    f"{196 * (0.25 / (5 * tests)) ** 0.5:.1f} points)" if isinstance(tests, int) else "")
+    hidden, rate = ran_with(frame, names, "hidden_dim", 200), ran_with(frame, names, "learning_rate", 1e-3)
+    return (f"Santoro et al. protocol: 5 classes x 10 presentations, labels one step late, meta-batch {batch}, "
+            f"hidden {hidden}, Adam lr {rate}, {steps} steps{episodes}; percent correct on {tests} test "
+            f"episodes{per_instance}.")
 
 
 def plot_santoro(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
@@ -175,10 +202,11 @@ def plot_santoro(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
     for model, colour in (("lstm", "tab:blue"), ("memory", "tab:red")):
         names = [run_name(*key[1:]) for key in runs if key[1] == model]
         histories = [h for h in (lookup(frame, name, "history") for name in names) if h]
-        if not histories:
+        batch = ran_with(frame, names, "meta_batch_size", 16)
+        if not histories or not isinstance(batch, int):  # seeds of different meta-batches share no x axis
             continue
         length = min(len(h) for h in histories)
-        episodes = [16 * record["step"] for record in histories[0][:length]]
+        episodes = [batch * record["step"] for record in histories[0][:length]]
         by_step = np.array([[r["test_acc_by_instance"] for r in h[:length]] for h in histories])  # [seeds, evals, I]
         for instance, style in ((1, ":"), (2, "--"), (5, "-."), (10, "-")):
             curve.plot(episodes, 100 * by_step[:, :, instance - 1].mean(0), style, color=colour,
@@ -190,10 +218,11 @@ def plot_santoro(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
             final.errorbar(ticks, finals.mean(0), yerr=finals.std(0, ddof=1) if len(finals) > 1 else None,
                            color=colour, marker="o", capsize=3, label=f"{model} ({len(finals)} seeds)")
         final.plot(INSTANCES, PAPER[model], "x", color=colour, markersize=9, label=f"{model}, Santoro et al.")
-    curve.set(title="learning curve (test, 128 episodes per point)", xlabel="training episodes",
-              ylabel="percent correct")
-    final.set(title="after training (1000 test episodes)", xlabel="instance (presentation of a class)",
-              ylabel="percent correct", xticks=range(1, 11))
+    names = [run_name(*key[1:]) for key in runs]
+    curve.set(title=f"learning curve (test, {ran_with(frame, names, 'eval_tasks', 128)} episodes per point)",
+              xlabel="training episodes", ylabel="percent correct")
+    final.set(title=f"after training ({ran_with(frame, names, 'num_test_tasks', 1000)} test episodes)",
+              xlabel="instance (presentation of a class)", ylabel="percent correct", xticks=range(1, 11))
     for ax in (curve, final):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -144,3 +144,27 @@ def test_report_has_the_paper_table_and_the_plot(tmp_path):
     assert "| lstm, Santoro et al. table 1 | | 24.4 | 49.5 | 55.3 | 61.0 | 63.6 | 62.5 | | |" in text
     assert "192,000 episodes" in text and "± 1.4 points" in text
     assert (tmp_path / "santoro_by_instance.png").stat().st_size > 0
+
+
+def test_report_states_the_sizes_the_runs_ran_with(tmp_path):
+    """Issue 28 (the class of hw2's "600 test tasks"): the report's sentences came from the preset
+    whatever the runs had used."""
+    import pandas as pd
+
+    from hw1_mann import experiments
+
+    rows = []
+    for _, model, shots, ways, hidden, seed in experiments.SEEDS + experiments.SANTORO:
+        santoro = shots == 0
+        rows.append({"name": experiments.run_name(model, shots, ways, hidden, seed), "test_acc": 0.5,
+                     "test_acc_ci95": 0.01, "test_acc_by_instance": [0.5] * (10 if santoro else 2),
+                     "steps_per_sec": 4.0, "history": [{"step": 10, "test_acc": 0.5,
+                                                        "test_acc_by_instance": [0.5] * 10}],
+                     "train_steps": 50 if santoro else 300, "meta_batch_size": 16 if santoro else 8,
+                     "num_test_tasks": 40, "learning_rate": 0.001, "hidden_dim": hidden, "eval_tasks": 16})
+    text = experiments.report_for("cpu")(pd.DataFrame(rows), tmp_path)
+    assert "Runs of 300 steps, meta-batch 8, lr 0.001; test accuracy over 40 test tasks" in text
+    assert "50 steps (800 episodes); percent correct on 40 test episodes" in text
+    assert "25000" not in text and "1000 test" not in text
+    rows[0]["num_test_tasks"] = 1000
+    assert "over 40 or 1000 test tasks" in experiments.report_for("cpu")(pd.DataFrame(rows), tmp_path)
