@@ -220,6 +220,21 @@ def lookup(frame: pd.DataFrame, name: str, column: str, default: Any = None) -> 
     return default if pd.api.types.is_scalar(value) and pd.isna(value) else value
 
 
+def ran_with(frame: pd.DataFrame, names: Iterable[str], column: str, planned: Any) -> Any:
+    """What the finished runs among ``names`` ran with for the flag ``column`` (their results.json's
+    hparams), so a report never states the preset's number for runs made otherwise; ``planned`` while
+    none has recorded it, and ``"a or b"`` for a mix."""
+    found = (lookup(frame, name, column) for name in names)
+    unique = {getattr(value, "item", lambda v=value: v)() for value in found if value is not None}  # numpy -> python
+    try:
+        values = sorted(unique)
+    except TypeError:  # values of several types
+        values = sorted(unique, key=str)
+    if not values:
+        return planned
+    return values[0] if len(values) == 1 else " or ".join(map(str, values))
+
+
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():

@@ -158,8 +158,12 @@ class RunLogger:
 
 
 def scalar_curve(run_dir: str | os.PathLike, tag: str) -> dict[int, float]:
-    """A TensorBoard scalar of a run folder as ``{step: value}`` (empty when the tag was never logged)."""
+    """A TensorBoard scalar of a run folder as ``{step: value}`` (empty when the tag was never logged, or
+    the folder is gone: a report then has no curve, not a traceback)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not Path(run_dir).is_dir():
+        return {}
 
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()

@@ -46,7 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.errors import CS330Error, cli_main  # noqa: E402
-from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
+from common.grid import Config, grid_parser, lookup, ran_with, run_experiments  # noqa: E402
 from common.readback import describe, read_torch  # noqa: E402
 from common.runlog import scalar_curve  # noqa: E402
 from common.stats import mean_ci95  # noqa: E402
@@ -238,11 +238,14 @@ def course_section(frame: pd.DataFrame, sizes: dict, out: Path) -> str:
         axis.set(xlabel="epoch", ylabel=f"test {label} (mean over seeds)")
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"Multi-task model on the 95/5 random split of ml-100k, {sizes['epochs']} epochs, lr {COURSE_LR}")
+    # The runs' own length and rate (results.json), not the preset's: finished runs may be of another one.
+    epochs, lr = (ran_with(frame, runs["name"], flag, planned) for flag, planned in (
+        ("num_epochs", sizes["epochs"]), ("lr", float(COURSE_LR))))
+    fig.suptitle(f"Multi-task model on the 95/5 random split of ml-100k, {epochs} epochs, lr {lr}")
     fig.tight_layout()
     fig.savefig(out / "course_grid.png", dpi=120)
     plt.close(fig)
-    return (f"## Course grid (multi-task model, random 95/5 split, {sizes['epochs']} epochs, lr {COURSE_LR}; "
+    return (f"## Course grid (multi-task model, random 95/5 split, {epochs} epochs, lr {lr}; "
             "final values mean ± std over seeds; best = best evaluated epoch of the mean curve; "
             "wd = Adam weight decay; early stopping: test metrics of the epochs chosen on a validation slice)\n\n"
             + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f"))

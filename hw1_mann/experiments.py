@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import cli_main
-from common.grid import Config, grid_parser, lookup, run_experiments
+from common.grid import Config, grid_parser, lookup, ran_with, run_experiments
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,21 +81,6 @@ def configs(preset: str) -> list[Config]:
                      "--eval_freq", str(sizes["eval_freq"])]
         result.append(Config(run_name(model, shots, ways, hidden, seed), "hw1_mann.train", argv))
     return result
-
-
-def ran_with(frame: pd.DataFrame, names: list[str], column: str, planned: object) -> object:
-    """What the finished runs among ``names`` ran with for the flag ``column`` (their results.json's
-    hparams), so a report never states the preset's number for runs made otherwise; ``planned`` while
-    none has recorded it, and ``"a or b"`` for a mix."""
-    found = (lookup(frame, name, column) for name in names)
-    unique = {getattr(value, "item", lambda v=value: v)() for value in found if value is not None}  # numpy -> python
-    try:
-        values = sorted(unique)
-    except TypeError:  # values of several types
-        values = sorted(unique, key=str)
-    if not values:
-        return planned
-    return values[0] if len(values) == 1 else " or ".join(map(str, values))
 
 
 def report_for(preset: str):

@@ -560,3 +560,16 @@ def test_bad_flags_are_refused(flags, message, capsys):
         train_script.main(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_course_report_states_the_length_and_rate_its_runs_ran_with(tmp_path):
+    """Issue 28 (the class of hw2's "600 test tasks"): the course section printed the preset's epochs."""
+    import pandas as pd
+
+    from hw0_recsys import experiments
+
+    rows = [{"name": f"course_shared_seed{seed}", "setting": "shared", "run_dir": tmp_path / str(seed),
+             "test/mrr": 0.1, "test/recall@10": 0.2, "test/ndcg@10": 0.1, "test/mse": 0.9, "train_seconds": 1.0,
+             "num_epochs": 3, "lr": 0.01} for seed in (0, 1)]
+    text = experiments.course_section(pd.DataFrame(rows), experiments.PRESETS["cpu"], tmp_path)
+    assert text.startswith("## Course grid (multi-task model, random 95/5 split, 3 epochs, lr 0.01;"), text[:120]
