@@ -128,6 +128,10 @@ def check_sizes(args: argparse.Namespace) -> None:
                f"--meta_batch_size {args.meta_batch_size} x {steps} steps with --hidden_dim {args.hidden_dim}"
                + (f", --memory_slots {args.memory_slots} x --memory_dim {args.memory_dim}" if memory else ""),
                "lower the largest of these")
+    # An evaluation keeps one accuracy per task (float32) until it reports: found before training, not after it.
+    tasks = max(args.eval_tasks, args.num_test_tasks)
+    check_fits(4 * tasks, f"--eval_tasks {args.eval_tasks} / --num_test_tasks {args.num_test_tasks} (an accuracy "
+               "per task)", "lower them")
 
 
 def run_name(args: argparse.Namespace, precision: str | None = None) -> str:

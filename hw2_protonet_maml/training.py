@@ -194,12 +194,15 @@ def check_drawings(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def check_batch_memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a meta-batch whose images alone (float32 28x28) exceed the memory of every device here."""
+    """Refuse a meta-batch whose images alone (float32 28x28) exceed the memory of every device here, and
+    task counts whose per-task accuracies (Python floats, then results.json) could not be held."""
     way = max(getattr(args, "train_num_way", None) or args.num_way, getattr(args, "test_num_way", None) or 0)
     shots = max(args.num_support + args.num_query, (args.test_num_support or 0) + (args.test_num_query or 0))
     try:
         check_fits(4 * 28 * 28 * args.batch_size * way * shots,
                    f"--batch_size {args.batch_size} tasks of {way} classes x {shots} images", "lower --batch_size")
+        check_fits(32 * max(args.num_val_tasks, args.num_test_tasks), f"--num_val_tasks {args.num_val_tasks} / "
+                   f"--num_test_tasks {args.num_test_tasks} (an accuracy per task)", "lower them")
     except CS330Error as err:
         parser.error(str(err))
 

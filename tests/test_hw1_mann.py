@@ -259,7 +259,8 @@ def test_test_mode_without_checkpoint_says_so(omniglot_data_dir, tmp_path, capsy
 
 
 @pytest.mark.parametrize("flags", [["--meta_batch_size", "100000000"], ["--hidden_dim", "10000000000"],
-                                   ["--model", "memory", "--memory_slots", "10000000", "--memory_dim", "100000"]])
+                                   ["--model", "memory", "--memory_slots", "10000000", "--memory_dim", "100000"],
+                                   ["--num_test_tasks", "100000000000000"]])
 def test_sizes_no_memory_can_hold_are_refused_before_any_work(omniglot_data_dir, tmp_path, capsys, flags):
     """Issue 28: a meta-batch of 1e8 tasks (or a 1e10-unit LSTM) ended in an allocator traceback."""
     code, err = exit_code_and_stderr(capsys, run_flags(omniglot_data_dir, tmp_path / "run", *TINY, *flags))

@@ -85,3 +85,11 @@ def test_a_meta_batch_no_memory_can_hold_is_refused_at_parse_time(capsys, flags)
         maml_script.parse_args(flags)
     err = capsys.readouterr().err
     assert info.value.code == 2 and f"--batch_size {flags[1]} tasks of " in err and "needs at least" in err, err
+
+
+def test_task_counts_whose_accuracies_cannot_be_held_are_refused_at_parse_time(capsys):
+    """--num_test_tasks 1e14 trained to the end, then could not hold the per-task accuracies."""
+    with pytest.raises(SystemExit) as info:
+        maml_script.parse_args(["--num_test_tasks", "100000000000000"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--num_test_tasks 100000000000000 (an accuracy per task) needs at least" in err
