@@ -123,21 +123,26 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
     return path
 
 
-def _read_checkpoint(path: Path, map_location: str | torch.device,
-                     model: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """A checkpoint this code wrote: a dict with its step (and, when ``model`` is given, that model's
-    weights), loaded with ``weights_only=True``; anything else raises a CS330Error naming the file."""
+def _read_checkpoint(path: Path, map_location: str | torch.device, model: Mapping[str, torch.Tensor] | None = None,
+                     required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint this code wrote: a dict with its step, the entries ``required`` and (when ``model``
+    is given) that model's weights, loaded with ``weights_only=True``; anything else raises a
+    CS330Error naming the file."""
     fix = "delete it to use an earlier checkpoint"
     state = read_torch(path, fix, map_location)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CS330Error(f"{path}: holds {describe(state)} without a step, not a checkpoint; {fix}")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CS330Error(f"{path}: holds no {', '.join(missing)} (weights only?), so no run can continue from it; "
+                         f"{fix}")
     if model is not None:
         check_weights(state.get("model"), model, path, f"{fix}, or choose another --log_dir for this model")
     return state
 
 
 def load_checkpoint(run_dir: Path, step: int = -1, map_location: str | torch.device = "cpu",
-                    model: torch.nn.Module | None = None) -> dict[str, Any]:
+                    model: torch.nn.Module | None = None, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load the checkpoint of ``step`` with ``weights_only=True``. ``step=-1`` loads the latest
     readable one: a damaged or foreign latest file (a kill mid-copy, a full disk, another model's
     weights when ``model`` is given) is named in a warning and the one before it is used."""
@@ -151,11 +156,11 @@ def load_checkpoint(run_dir: Path, step: int = -1, map_location: str | torch.dev
     if step != -1:
         if step not in available:
             raise CS330Error(f"no checkpoint for step {step} in {run_dir}; available steps: {sorted(available)}")
-        return _read_checkpoint(available[step], map_location, expected)
+        return _read_checkpoint(available[step], map_location, expected, required)
     latest_error = None
     for candidate in sorted(available, reverse=True):
         try:
-            return _read_checkpoint(available[candidate], map_location, expected)
+            return _read_checkpoint(available[candidate], map_location, expected, required)
         except CS330Error as err:
             latest_error = latest_error or err
             print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr)

@@ -47,6 +47,7 @@ from common.runlog import RunLogger, jsonable
 
 LOCK_NAME = ".lock"
 RESULTS_NAME = "results.json"
+RESUME_KEYS = ("optimizer", "rng")  # what every script's checkpoint holds besides the model, and restores
 PROBE_BYTES = 2**16  # written and synced at the start: a full disk is found before any work
 
 
@@ -191,7 +192,7 @@ class RunFolder:
         run. A checkpoint past the run length would label a longer-trained model with the shorter length."""
         if not (self.resume and list_checkpoints(self.path)):
             return None
-        state = load_checkpoint(self.path, -1, map_location=map_location, model=model)
+        state = load_checkpoint(self.path, -1, map_location=map_location, model=model, required=RESUME_KEYS)
         length = self.hparams.get(self.length_flag) if self.length_flag else None
         if isinstance(length, int) and state["step"] > length:
             raise CS330Error(f"{self.path} is already at --{self.length_flag} {state['step']}, past the "

@@ -52,7 +52,7 @@ def test_resume_without_checkpoint_starts_fresh_with_a_note(tmp_path, capsys):
 def test_resume_refuses_changed_flags_but_allows_the_run_length(tmp_path):
     with RunFolder.open(tmp_path / "run", {"lr": 0.1, "steps": 10, "device": "cpu"}) as run:
         run.logger().close()  # writes hparams.json
-        run.save(10, {"model": {"w": torch.ones(1)}})
+        run.save(10, {"model": {"w": torch.ones(1)}, "optimizer": {}, "rng": {}})
     with RunFolder.open(tmp_path / "run", {"lr": 0.1, "steps": 20, "device": "cuda"}, resume=True,
                         resumable=("steps",)) as run:
         assert run.resume_state()["step"] == 10

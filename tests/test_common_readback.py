@@ -26,7 +26,7 @@ def finished_run(path, hparams, steps=(2,), model=None):
     with RunFolder.open(path, hparams) as run:
         logger = run.logger()
         for step in steps:
-            run.save(step, {"model": model.state_dict()})
+            run.save(step, {"model": model.state_dict(), "optimizer": {}, "rng": {}})
         logger.finish({"acc": 0.5})
         logger.close()
     return model
@@ -101,6 +101,15 @@ def test_checkpoints_of_another_model_a_bare_tensor_or_pickled_code_fall_back_to
     assert "weights_only=False" not in err and "Traceback" not in err
     with pytest.raises(CS330Error, match=r"step0000002.pt: the weights of another model"):
         load_checkpoint(tmp_path, 2, model=model)
+
+
+def test_resume_from_a_weights_only_checkpoint_falls_back_to_a_resumable_one(tmp_path, capsys):
+    model = finished_run(tmp_path / "run", {"lr": 0.1, "steps": 4}, steps=(1,))
+    torch.save({"step": 2, "model": model.state_dict()}, tmp_path / "run" / "checkpoints" / "step0000002.pt")
+    with RunFolder.open(tmp_path / "run", {"lr": 0.1, "steps": 4}, resume=True, resumable=("steps",)) as run:
+        assert run.resume_state(model=model)["step"] == 1
+    assert "step0000002.pt: holds no optimizer, rng (weights only?), so no run can continue from it" in \
+        capsys.readouterr().err
 
 
 def test_no_usable_checkpoint_names_the_latest_reason(tmp_path):
