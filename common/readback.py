@@ -22,10 +22,11 @@ _UNPICKLER = re.compile(r"WeightsUnpickler error: (.*)")
 _GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
-def describe(value: Any) -> str:
-    """``a list``, ``a tensor``, ``an int``: what a file held, for a message."""
-    name = "tensor" if isinstance(value, torch.Tensor) else {dict: "JSON object", list: "JSON array"}.get(
-        type(value), type(value).__name__)
+def describe(value: Any, in_json: bool = False) -> str:
+    """``a dict``, ``a tensor``, ``an int`` (``a JSON object``, ``a JSON array`` when ``in_json``): what a
+    file held, for a message."""
+    names = {dict: "JSON object", list: "JSON array"} if in_json else {}
+    name = "tensor" if isinstance(value, torch.Tensor) else names.get(type(value), type(value).__name__)
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
@@ -42,7 +43,8 @@ def read_json(path: str | Path, fix: str, expect: type = dict) -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise CS330Error(f"{path}: unreadable ({getattr(err, 'strerror', None) or err}); {fix}") from None
     if not isinstance(value, expect):
-        raise CS330Error(f"{path}: holds {describe(value)} where {describe(expect())} was expected; {fix}")
+        raise CS330Error(f"{path}: holds {describe(value, True)} where {describe(expect(), True)} was expected; "
+                         f"{fix}")
     return value
 
 
