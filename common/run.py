@@ -145,21 +145,21 @@ class RunFolder:
 
     def _check_resume(self, test_hint: str) -> None:
         has_checkpoints = bool(list_checkpoints(self.path))
-        if not self.resume:
-            if has_checkpoints:
-                ways = ", ".join(filter(None, ["pass --resume to continue that run", test_hint]))
-                raise CS330Error(f"{self.path} already holds checkpoints: {ways}, or choose another --log_dir / "
-                                 "delete the folder to start a new run")
-            if (self.path / RESULTS_NAME).exists():  # a script that keeps no checkpoints would overwrite them
-                raise CS330Error(f"{self.path} already holds the results of a finished run ({RESULTS_NAME}); "
-                                 "choose another --log_dir, or delete the folder to run again")
-            self._remove_curves_of_a_lost_start()
+        if not self.resume and has_checkpoints:
+            ways = ", ".join(filter(None, ["pass --resume to continue that run", test_hint]))
+            raise CS330Error(f"{self.path} already holds checkpoints: {ways}, or choose another --log_dir / "
+                             "delete the folder to start a new run")
+        if has_checkpoints:
+            self.check_same_flags()
             return
-        if not has_checkpoints:
+        # A run starts fresh here: it must not overwrite the results of a run that kept no checkpoints
+        # (hw3's scripts, or a run whose checkpoints were deleted), whatever that run's flags were.
+        if (self.path / RESULTS_NAME).exists():
+            raise CS330Error(f"{self.path} already holds the results of a finished run ({RESULTS_NAME}); "
+                             "choose another --log_dir, or delete the folder to run again")
+        if self.resume:
             print(f"note: --resume: no checkpoint in {self.path} yet; starting the run fresh", file=sys.stderr)
-            self._remove_curves_of_a_lost_start()
-            return
-        self.check_same_flags()
+        self._remove_curves_of_a_lost_start()
 
     def _remove_curves_of_a_lost_start(self) -> None:
         """A fresh start in a folder where an earlier start left curves but neither a checkpoint nor

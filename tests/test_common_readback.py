@@ -70,6 +70,8 @@ def test_fresh_run_into_a_folder_with_results_is_refused(tmp_path):
     with pytest.raises(CS330Error, match="already holds the results of a finished run .results.json.; choose "
                                          "another --log_dir, or delete the folder"):
         RunFolder.open(tmp_path / "run", {"lr": 0.2})
+    with pytest.raises(CS330Error, match="already holds the results of a finished run"):  # no checkpoint to resume
+        RunFolder.open(tmp_path / "run", {"lr": 0.2}, resume=True)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["hparams"] == {"lr": 0.1}
 
 
