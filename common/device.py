@@ -53,14 +53,16 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def resolve_precision(requested: str, device: torch.device, fp32_because: str | None = None) -> tuple[str, str]:
+def resolve_precision(requested: str, device: torch.device, fp32_because: str | None = None,
+                      bf16_where: tuple[str, ...] = ("cuda", "BF16", "AMX")) -> tuple[str, str]:
     """``(precision, reason)`` for ``--precision auto|fp32|bf16``.
 
-    ``auto`` picks bf16 only where it is native: CUDA with bf16 support, or a CPU with AVX512_BF16
-    or AMX. Without native bf16 a CPU emulates it and bf16 autocast is several times slower than
-    fp32 (a 3x3 conv forward+backward was measured 15x slower on an AVX2 CPU; see the hw2 README).
-    ``fp32_because``: a script whose model was not measured faster (or as accurate) in bf16 passes
-    the reason, and ``auto`` means fp32 there.
+    ``auto`` picks bf16 only where it is native (CUDA with bf16 support, a CPU with AVX512_BF16 or
+    AMX: elsewhere bf16 is emulated and several times slower, see the hw2 README) and where the
+    calling script's model was measured faster in it: ``bf16_where`` lists ``"cuda"`` and the CPU
+    features of :func:`cpu_capability` (``"BF16"``, ``"AMX"``) where it was.
+    ``fp32_because``: a script whose model was not measured faster (or as accurate) in bf16 anywhere
+    passes the reason, and ``auto`` means fp32 everywhere.
     """
     if requested not in PRECISION_CHOICES:
         raise CS330Error(f"--precision {requested!r}: choose one of {', '.join(PRECISION_CHOICES)}")
@@ -69,14 +71,21 @@ def resolve_precision(requested: str, device: torch.device, fp32_because: str | 
     if fp32_because:
         return "fp32", fp32_because
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", f"{torch.cuda.get_device_name(device)} supports bf16 natively"
-        return "fp32", f"{torch.cuda.get_device_name(device)} has no native bf16"
+        name = torch.cuda.get_device_name(device)
+        if not torch.cuda.is_bf16_supported():
+            return "fp32", f"{name} has no native bf16"
+        if "cuda" in bf16_where:
+            return "bf16", f"{name} supports bf16 natively"
+        return "fp32", "bf16 was not measured faster on CUDA for this model"
     if device.type == "cpu":
         capability = cpu_capability()
-        if "BF16" in capability or "AMX" in capability:
+        native = [feature for feature in ("BF16", "AMX") if feature in capability.split("+")]
+        if not native:
+            return "fp32", f"CPU capability {capability}: no native bf16, where bf16 is emulated and slower"
+        if any(feature in bf16_where for feature in native):
             return "bf16", f"CPU capability {capability}: native bf16"
-        return "fp32", f"CPU capability {capability}: no native bf16, where bf16 is emulated and slower"
+        return "fp32", (f"CPU capability {capability}: bf16 was measured faster for this model only with "
+                        f"{' or '.join(bf16_where)}")
     return "fp32", f"no bf16 autocast measured on {device.type}"
 
 
@@ -115,13 +124,13 @@ def configure_threads(threads: int | None) -> int:
     return threads
 
 
-def setup_compute(device: str, precision: str, threads: int | None,
-                  fp32_because: str | None = None) -> tuple[torch.device, str]:
+def setup_compute(device: str, precision: str, threads: int | None, fp32_because: str | None = None,
+                  bf16_where: tuple[str, ...] = ("cuda", "BF16", "AMX")) -> tuple[torch.device, str]:
     """The three run flags every script has: set the threads, resolve the device and the precision,
     and print the one line that says which precision and why. Returns ``(device, precision)``."""
     configure_threads(threads)
     resolved = resolve_device(device)
-    chosen, why = resolve_precision(precision, resolved, fp32_because)
+    chosen, why = resolve_precision(precision, resolved, fp32_because, bf16_where)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per process
         print(f"precision: {chosen} ({why})", flush=True)
         if openmp.CHOICE:

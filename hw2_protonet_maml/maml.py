@@ -83,19 +83,31 @@ def _xavier(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.
     return (torch.rand(shape, generator=generator) * 2 - 1) * bound
 
 
-def maml_forward(params: dict[str, torch.Tensor], images: torch.Tensor, stride: int = 1) -> torch.Tensor:
+def maml_forward(params: dict[str, torch.Tensor], images: torch.Tensor, stride: int = 1,
+                 compute_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """``[M, 1, S, S]`` -> logits ``[M, N]``: 4 x [conv 3x3, batch norm, ReLU], spatial mean, linear head.
 
     Batch norm always uses the statistics of the images passed in (no running statistics), as in
     the course and the MAML paper: the support and query sets are normalized separately.
     ``stride=2`` is the paper's strided network, about 4x cheaper than the course's ``stride=1``.
+
+    The two keywords are for speed and leave the function the same up to rounding:
+    ``channels_last`` lays activations out as oneDNN's convolutions prefer (NHWC), and
+    ``compute_dtype=torch.bfloat16`` runs the body in bf16 (oneDNN uses AMX where the CPU has it)
+    on bf16 copies of the weights, so gradients still flow back to the float32 weights; the
+    spatial mean accumulates in float32 and the head runs in the weights' own precision.
     """
-    x = images
+    x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    if compute_dtype is not None:
+        x = x.to(compute_dtype)
     for i in range(NUM_CONV_LAYERS):
-        x = F.conv2d(x, params[f"conv{i}"], params[f"b{i}"], stride=stride, padding=1)
+        weight, bias = params[f"conv{i}"], params[f"b{i}"]
+        if compute_dtype is not None:
+            weight, bias = weight.to(compute_dtype), bias.to(compute_dtype)
+        x = F.conv2d(x, weight, bias, stride=stride, padding=1)
         x = F.batch_norm(x, None, None, training=True)
         x = F.relu(x)
-    x = x.mean(dim=(2, 3))  # [M, C]
+    x = x.mean(dim=(2, 3), dtype=params["w_head"].dtype)  # [M, C]
     return F.linear(x, params["w_head"], params["b_head"])
 
 
@@ -105,14 +117,17 @@ class MAML(nn.Module):
     with the support-set accuracies before and after adaptation as metrics.
 
     Fast without changing the maths (the tests compare meta-gradients with the plain loop):
-    - the inner loop is ``torch.func.grad`` on the functional network, always in float32, even under
-      bf16 autocast, because bf16 there is amplified by the second-order term;
+    - the inner loop is ``torch.func.grad`` on the functional network, always in float32 (the
+      weights' precision), because the second-order term amplifies bf16 rounding there;
+    - activations are channels-last (``channels_last``), the layout oneDNN's convolutions prefer;
     - tasks run in a loop by default; ``vmap_tasks`` vmaps the per-task computation over the meta-batch
       (one grouped convolution for all tasks);
-    - ``compile_query`` runs the query pass (75 of the 80 images a task sees, and the part needing only
-      a first-order backward) through ``torch.compile``, which cannot compile the inner loop's double
-      backward;
-    - under ``--precision bf16`` only the query pass runs in bf16.
+    - ``precision="bf16"`` runs the query pass (75 of the 80 images a task sees) in bf16 on bf16
+      copies of the float32 weights; the inner loop's gradients and updates stay float32. The model
+      sets its own precision: an outer autocast does not reach it;
+    - ``compile_query`` runs the query pass (the part needing only a first-order backward) through
+      ``torch.compile``, which fuses batch norm + ReLU; it cannot compile the inner loop's double
+      backward.
     Which of these pays off on which machine is measured by ``bench.py`` (tables in the README).
     ``first_order=True`` detaches the inner gradients (FOMAML). ``learn_inner_lrs``: one learned
     inner rate per parameter tensor (Meta-SGD-style, per tensor).
@@ -123,10 +138,13 @@ class MAML(nn.Module):
     def __init__(self, num_way: int, num_inner_steps: int = 1, inner_lr: float = 0.4,
                  learn_inner_lrs: bool = False, first_order: bool = False, hidden_channels: int = 64,
                  conv_stride: int = 1, seed: int = 0, vmap_tasks: bool = False,
-                 compile_query: bool = False, eval_num_inner_steps: int | None = None) -> None:
+                 compile_query: bool = False, eval_num_inner_steps: int | None = None,
+                 precision: str = "fp32", channels_last: bool = True) -> None:
         super().__init__()
         if compile_query and vmap_tasks:
             raise ValueError("compile_query applies to the per-task loop; it cannot be combined with vmap_tasks")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {precision!r}: choose fp32 or bf16")
         init = init_maml_params(num_way, hidden_channels=hidden_channels,
                                 generator=torch.Generator().manual_seed(seed))
         self.meta_params = nn.ParameterDict({k: nn.Parameter(v) for k, v in init.items()})
@@ -139,39 +157,43 @@ class MAML(nn.Module):
         self.first_order = first_order
         self.conv_stride = conv_stride
         self.vmap_tasks = vmap_tasks
+        self.query_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.channels_last = channels_last and not vmap_tasks  # a memory format is per tensor, not per vmap slice
         # dynamic=False: a new shape (another K or Q at test) recompiles once.
         self.query_forward = torch.compile(maml_forward, dynamic=False) if compile_query else maml_forward
 
     def inner_adapt(self, params: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
                     num_steps: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``num_steps`` gradient steps on one task's support set, in float32.
+        """``num_steps`` gradient steps on one task's support set, in the weights' precision (call it
+        outside autocast, as :meth:`task_loss` does).
 
         Returns the adapted parameters and the support accuracy before each step and after the
         last one, ``[num_steps + 1]``.
         """
         def support_loss(p):
-            logits = maml_forward(p, images, self.conv_stride)
+            logits = maml_forward(p, images, self.conv_stride, channels_last=self.channels_last)
             return F.cross_entropy(logits, labels), logits
 
         accuracies = []
-        with torch.autocast(images.device.type, enabled=False):
-            for _ in range(num_steps):
-                grads, logits = grad(support_loss, has_aux=True)(params)
-                accuracies.append(accuracy(logits, labels))
-                if self.first_order:
-                    grads = {k: g.detach() for k, g in grads.items()}
-                params = {k: p - self.inner_lrs[k] * grads[k] for k, p in params.items()}
-            with torch.no_grad():  # a metric only
-                accuracies.append(accuracy(maml_forward(params, images, self.conv_stride), labels))
+        for _ in range(num_steps):
+            grads, logits = grad(support_loss, has_aux=True)(params)
+            accuracies.append(accuracy(logits, labels))
+            if self.first_order:
+                grads = {k: g.detach() for k, g in grads.items()}
+            params = {k: p - self.inner_lrs[k] * grads[k] for k, p in params.items()}
+        with torch.no_grad():  # a metric only, so in the query pass's precision
+            logits = maml_forward(params, images, self.conv_stride, self.query_dtype, self.channels_last)
+            accuracies.append(accuracy(logits, labels))
         return params, torch.stack(accuracies)
 
     def task_loss(self, params: dict[str, torch.Tensor], support: torch.Tensor, support_labels: torch.Tensor,
                   query: torch.Tensor, query_labels: torch.Tensor, num_steps: int,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One task: adapt on the support set, score on the query set -> (loss, support accs, query acc)."""
-        adapted, support_accs = self.inner_adapt(params, support, support_labels, num_steps)
-        logits = self.query_forward(adapted, query, self.conv_stride).float()
-        return F.cross_entropy(logits, query_labels), support_accs, accuracy(logits, query_labels)
+        with torch.autocast(query.device.type, enabled=False):
+            adapted, support_accs = self.inner_adapt(params, support, support_labels, num_steps)
+            logits = self.query_forward(adapted, query, self.conv_stride, self.query_dtype, self.channels_last)
+            return F.cross_entropy(logits, query_labels), support_accs, accuracy(logits, query_labels)
 
     def forward(self, episodes: Episodes, num_inner_steps: int | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -199,9 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vmap_tasks", action="store_true",
                        help="vmap the per-task computation over the meta-batch instead of looping over tasks "
                             "(slower on a 2-core CPU, see bench.py; may pay off on a GPU)")
-    model.add_argument("--compile_query", action="store_true",
-                       help="torch.compile the query pass (same maths; a ~20 s compile first; not with "
-                            "--vmap_tasks)")
+    model.add_argument("--compile_query", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the query pass (same maths; a compile of about half a minute first, "
+                            "and one more per new task shape; not with --vmap_tasks) (default: on with a bf16 "
+                            "query pass on the CPU, where it was measured faster, off elsewhere)")
     return parser
 
 
@@ -218,15 +241,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=(
-        "MAML's bf16 query pass was measured 1.5x faster on one CPU, 0.8x on another, and about one point "
-        "less accurate at equal iterations (README); ask for it with --precision bf16"))
+    # bf16 (the query pass only) was measured faster only on CPUs with AMX (README); elsewhere auto is fp32.
+    device, precision = setup_compute(args.device, args.precision, args.threads, bf16_where=("AMX",))
+    compile_query = args.compile_query
+    if compile_query is None:
+        compile_query = precision == "bf16" and device.type == "cpu" and not args.vmap_tasks
     run_name = build_run_name("maml", inner_loop_run_params(args, precision))
     settings = TrainSettings.from_args(args, device, precision, run_name)
     seed_everything(args.seed)
     model = MAML(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.first_order,
                  args.num_filters, args.conv_stride, seed=args.seed, vmap_tasks=args.vmap_tasks,
-                 compile_query=args.compile_query, eval_num_inner_steps=args.eval_num_inner_steps)
+                 compile_query=compile_query, eval_num_inner_steps=args.eval_num_inner_steps,
+                 precision=precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
     trainer = MetaTrainer(model, optimizer, settings, hparams={**vars(args), "precision": precision})
     trainer.run(test_only=args.test, checkpoint_step=args.checkpoint_step)

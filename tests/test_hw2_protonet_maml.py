@@ -78,18 +78,50 @@ def test_anil_meta_gradient_matches_its_plain_loop(steps, learn_lrs, first_order
         torch.testing.assert_close(fast[key], slow[key], atol=1e-6, rtol=0)
 
 
-def test_maml_inner_loop_stays_float32_under_bf16_autocast():
+def test_maml_sets_its_own_precision_an_outer_autocast_does_not_reach_it():
     model = MAML(num_way=3, num_inner_steps=2, inner_lr=0.1, hidden_channels=4, seed=0)
-    episodes = tiny_episodes()
-    support, support_labels = episodes.support_images[0].float(), episodes.support_labels[0]
-    params = dict(model.meta_params)
-    plain, plain_accs = model.inner_adapt(params, support, support_labels, 2)
+    episodes = Episodes(*(t.float() if t.is_floating_point() else t for t in tiny_episodes()))
+    plain_loss, plain_metrics = model(episodes)
+    plain = meta_grads(model, plain_loss)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed, mixed_accs = model.inner_adapt(params, support, support_labels, 2)
-    assert torch.equal(plain_accs, mixed_accs)
+        mixed_loss, mixed_metrics = model(episodes)
+    assert mixed_loss.dtype == torch.float32 and torch.equal(mixed_loss, plain_loss)
+    assert torch.equal(mixed_metrics["support_acc_post"], plain_metrics["support_acc_post"])
+    mixed = meta_grads(model, mixed_loss)
     for key in plain:
-        assert mixed[key].dtype == torch.float32
         assert torch.equal(mixed[key], plain[key]), key
+
+
+# The stated tolerance of the bf16 query pass: its meta-gradient within 8% (relative L2) of the exact
+# one on this test's small network and meta-batch (measured 1.5-4.8% across widths, batch sizes and
+# query counts; smaller nets and batches round more). bench.py measures 1.4% on the course setting
+# (64 channels, batch 16, 15 queries); the exact meta-gradient there moves 8% when the weights are
+# perturbed by bf16's rounding, and by more than 100% from one meta-batch to the next (README).
+BF16_META_GRADIENT_TOLERANCE = 0.08
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_maml_bf16_query_pass_meta_gradient_is_within_the_stated_tolerance(omniglot_store, steps):
+    episodes = EpisodeSampler(omniglot_store.split("train"), 5, 1, 5, seed=0).sample(4)
+    exact = MAML(5, num_inner_steps=steps, inner_lr=0.4, hidden_channels=16, seed=0).double()
+    fast = MAML(5, num_inner_steps=steps, inner_lr=0.4, hidden_channels=16, seed=0, precision="bf16")
+    episodes64 = Episodes(*(t.double() if t.is_floating_point() else t for t in episodes))
+    want = torch.cat([g.flatten() for g in meta_grads(exact, exact(episodes64)[0]).values()])
+    got = torch.cat([g.flatten() for g in meta_grads(fast, fast(episodes)[0]).values()]).double()
+    relative = ((got - want).norm() / want.norm()).item()
+    assert 0 < relative < BF16_META_GRADIENT_TOLERANCE  # bf16 rounds (not 0), within the tolerance
+
+
+def test_maml_auto_precision_is_bf16_only_where_it_was_measured_faster(monkeypatch):
+    from common import device as device_mod
+
+    cpu = torch.device("cpu")
+    for capability, want in (("AVX2", "fp32"), ("AVX512", "fp32"), ("AVX512+BF16", "fp32"),
+                             ("AVX512+BF16+AMX", "bf16")):
+        monkeypatch.setattr(device_mod, "cpu_capability", lambda capability=capability: capability)
+        assert device_mod.resolve_precision("auto", cpu, bf16_where=("AMX",))[0] == want, capability
+    monkeypatch.setattr(device_mod, "cpu_capability", lambda: "AVX512+BF16")
+    assert device_mod.resolve_precision("auto", cpu)[0] == "bf16"  # the default: wherever bf16 is native
 
 
 def test_first_order_differs_from_second_order_where_it_should():
@@ -131,6 +163,28 @@ def test_protonet_tasks_do_not_interact(omniglot_store):
     one_by_one = [model(Episodes(*(t[b:b + 1] for t in episodes)))[0] for b in range(4)]
     torch.testing.assert_close(whole, torch.stack(one_by_one).mean())
     assert metrics["query_acc"].shape == (4,)
+
+
+def test_protonet_relu_after_pooling_is_bit_identical_to_relu_before():
+    from hw2_protonet_maml.protonet import ProtoNetEmbedding
+
+    torch.manual_seed(0)
+    embedding = ProtoNetEmbedding(hidden_channels=8)
+    layers = list(embedding.layers)
+    assert [type(m).__name__ for m in layers[:4]] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
+    for block in range(4):  # the textbook order: ReLU, then max-pool
+        layers[4 * block + 2], layers[4 * block + 3] = layers[4 * block + 3], layers[4 * block + 2]
+    textbook = torch.nn.Sequential(*layers)
+    images = torch.rand(12, 1, 28, 28) - 0.5
+    outputs = []
+    for net in (embedding.layers, textbook):
+        net.zero_grad()
+        out = net(images)
+        out.pow(2).sum().backward()
+        outputs.append((out, [p.grad.clone() for p in net.parameters()]))
+    (ours, our_grads), (theirs, their_grads) = outputs
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(our_grads, their_grads))
 
 
 def test_maml_adaptation_improves_support_accuracy(omniglot_store):
