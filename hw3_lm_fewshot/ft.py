@@ -60,7 +60,14 @@ from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task
 from hw3_lm_fewshot.generation import encode_prompt, generate_answers, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import ModelSpec, count_parameters, model_skeleton, resolve_model, transformer_blocks
-from hw3_lm_fewshot.prompts import DEFAULT_PROMPT, MAX_NEW_TOKENS, PROMPTS, answer_text, build_prompt
+from hw3_lm_fewshot.prompts import (
+    DEFAULT_PROMPT,
+    MAX_NEW_TOKENS,
+    PROMPTS,
+    answer_text,
+    build_prompt,
+    check_queries_fit,
+)
 
 MODE_HELP = "all, first, last, middle, loraN (N = LoRA rank, e.g. lora4, lora16)"
 _MODE = re.compile(r"^(all|first|last|middle)$|^lora([1-9]\d*)$")
@@ -336,7 +343,9 @@ def load_inputs(args: argparse.Namespace, model_name: str) -> tuple[ModelSpec, T
     for k in args.k:
         sample_support(task, k, args.seed)
     check_mode_fits(model_skeleton(spec, args.dataset == "amazon"), args.mode)  # the config alone, no weights
-    load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy; this one checks
+    model, tokenizer = load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy
+    if args.dataset != "amazon":  # the evaluation generates after each bare query
+        check_queries_fit(tokenizer, model, task, args.prompt or DEFAULT_PROMPT[args.dataset], args.max_context)
     return spec, task
 
 

@@ -8,6 +8,7 @@ import warnings
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from common.errors import CS330Error
 from hw3_lm_fewshot.models import context_length
 
 SENTENCE_ENDS = (".", "!", "?", "\n")
@@ -44,6 +45,8 @@ def first_sentence(text: str) -> str:
 
 def truncate_left(input_ids: list[int], max_tokens: int, what: str = "prompt") -> list[int]:
     """Keep the last ``max_tokens`` tokens, warning (never silently) when anything is cut."""
+    if max_tokens < 1:  # input_ids[-0:] would keep everything, input_ids[-(-5):] all but 5
+        raise CS330Error(f"the context limit leaves {max_tokens} tokens for the {what}: raise --max_context")
     if len(input_ids) <= max_tokens:
         return input_ids
     warnings.warn(f"{what} has {len(input_ids)} tokens, more than the {max_tokens} that fit in the model's "

@@ -52,6 +52,7 @@ from hw3_lm_fewshot.prompts import (
     PROMPTS,
     check_icl_task,
     check_prompt,
+    check_queries_fit,
     encode_queries,
     label_candidates,
     ordered_support,
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     seed_everything(args.seed)
     model, tokenizer = load_model(spec, classifier=False)
     model.to(device).eval()
+    for prompt in prompts:
+        check_queries_fit(tokenizer, model, task, prompt, args.max_context)
     run_name = build_run_name("icl", {"model": spec.name, "data": args.dataset, "prompt": "-".join(prompts),
                                       "k": "-".join(map(str, args.k)), "support": args.support, "prec": args.precision,
                                       "seed": args.seed} | ({"calib": 1} if args.calibrate else {}))

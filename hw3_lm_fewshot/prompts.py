@@ -139,10 +139,22 @@ def query_ids(tokenizer, task: str, prompt: str, x: str, prefix: str) -> list[in
     return tokenizer(prompt_query(task, prompt, x, prefix), add_special_tokens=not prefix)["input_ids"]
 
 
+def check_queries_fit(tokenizer, model, task: TaskData, prompt: str, max_context: int | None) -> None:
+    """Refuse a context limit that cannot hold the longest evaluation query alone (no support examples)
+    with its answer: cutting it from the left would cut the query itself."""
+    limit = context_limit(model, max_context)
+    need = MAX_NEW_TOKENS.get(task.name, 1) + max(len(tokenizer(build_prompt(task.name, prompt, [], ex.x))["input_ids"])
+                                                  for ex in task.eval)
+    if need > limit:
+        raise CS330Error(f"the longest {task.name} query needs {need} tokens with its answer, more than the context "
+                         f"limit of {limit} (the model's context or --max_context): raise --max_context")
+
+
 def encode_queries(tokenizer, model, task: TaskData, k: int, prompt: str, seed: int, fixed_support: bool,
                    ordering: int, max_context: int | None) -> tuple[list[int], list[list[int]], int]:
     """Token ids of the shared prefix (empty unless ``fixed_support``) and of each query, and how many
     prompts lost tokens on the left (per-query supports only; a fixed prefix that does not fit stops)."""
+    check_queries_fit(tokenizer, model, task, prompt, max_context)
     max_new = MAX_NEW_TOKENS.get(task.name, 1)
     if fixed_support:
         prefix = prompt_prefix(task.name, prompt, ordered_support(task, k, seed, ordering))

@@ -530,3 +530,46 @@ def test_a_padded_classification_batch_scores_each_review_as_alone(tiny_models, 
         together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         alone = torch.cat([model(**tokenizer(ex.x, return_tensors="pt")).logits for ex in examples])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- --max_context (issue 28)
+def test_a_context_limit_that_cannot_hold_a_query_is_refused_and_truncation_is_exact(tiny_models, tmp_path, capsys):
+    """A limit below the longest bare query + its answer was accepted (the cut kept 76 tokens for a
+    limit of 1, and all of them for a limit leaving 0); now refused before any run folder exists.
+    A limit that holds the query cuts per-query prompts to exactly limit - answer tokens."""
+    import warnings
+
+    from common.errors import CS330Error
+    from hw3_lm_fewshot import ft, icl
+    from hw3_lm_fewshot.data import load_task
+    from hw3_lm_fewshot.generation import encode_prompt, truncate_left
+    from hw3_lm_fewshot.prompts import MAX_NEW_TOKENS, build_prompt
+    from tests.test_hw3_unit import write_tiny_data
+
+    data = write_tiny_data(tmp_path / "data")
+    model, tokenizer = load(tiny_models["gpt2"], classifier=False)
+    task = load_task("babi", n_eval=3, data_dir=str(data))
+    need = MAX_NEW_TOKENS["babi"] + max(len(tokenizer(build_prompt("babi", "qa", [], ex.x))["input_ids"])
+                                        for ex in task.eval)
+    common = ["--model", str(tiny_models["gpt2"]), "--dataset", "babi", "--data_dir", str(data), "--n_eval", "3",
+              "--k", "2", "--device", "cpu", "--threads", "1"]
+    for main, extra in [(icl.main, []), (icl.main, ["--support", "fixed"]), (ft.main, ["--max_steps", "1"])]:
+        for limit in (1, need - MAX_NEW_TOKENS["babi"], need - 1):
+            run_dir = tmp_path / f"run_{limit}"
+            with pytest.raises(SystemExit) as info:
+                main([*common, *extra, "--max_context", str(limit), "--log_dir", str(run_dir)])
+            err = capsys.readouterr().err
+            assert info.value.code == 2 and f"needs {need} tokens with its answer" in err, err
+            assert "raise --max_context" in err
+            assert not run_dir.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warnings
+        icl.main([*common, "--max_context", str(need), "--log_dir", str(tmp_path / "fits")])
+    assert (tmp_path / "fits" / "results.json").exists()
+    long_prompt = build_prompt("babi", "qa", task.pool[:3], task.eval[0].x)
+    with pytest.warns(Warning, match="from the left"):
+        cut = encode_prompt(tokenizer, model, long_prompt, MAX_NEW_TOKENS["babi"], need)
+    assert cut == tokenizer(long_prompt)["input_ids"][-(need - MAX_NEW_TOKENS["babi"]):]
+    for limit in (0, -5):
+        with pytest.raises(CS330Error, match=f"leaves {limit} tokens"):
+            truncate_left(list(range(10)), limit)

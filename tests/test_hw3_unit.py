@@ -327,6 +327,7 @@ def offline(tmp_path, monkeypatch):
     for module in (ft, icl):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: (StandIn(), None))
         monkeypatch.setattr(module, "model_skeleton", lambda *a, **k: None)  # no config to read
+        monkeypatch.setattr(module, "check_queries_fit", lambda *a, **k: None)  # no tokenizer or context
     return {"data": write_tiny_data(tmp_path / "data"), "model": model_dir, "runs": tmp_path / "runs"}
 
 
