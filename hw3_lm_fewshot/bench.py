@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     configure_threads(args.threads)
-    model, tokenizer = load_causal_lm(resolve_model(args.model))
+    model, tokenizer = load_causal_lm(resolve_model(args.model, args.data_dir))
     model.to(device).eval()
     if args.batched:
         return bench_batched(model, tokenizer, args)

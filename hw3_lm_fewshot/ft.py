@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_inputs(args: argparse.Namespace, model_name: str) -> tuple[ModelSpec, TaskData]:
     """The model spec and the task data, with every support size and the model load checked."""
-    spec = resolve_model(model_name)
+    spec = resolve_model(model_name, args.data_dir)
     task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     for k in args.k:
         sample_support(task, k, args.seed)

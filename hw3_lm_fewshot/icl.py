@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         check_calibrate(args.dataset, args.support == "fixed")
     device, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
     # everything that can fail before the evaluation fails here, before a run folder exists
-    spec = resolve_model(args.model or "smollm2")
+    spec = resolve_model(args.model or "smollm2", args.data_dir)
     task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     for k in args.k:
         sample_support(task, k, args.seed)

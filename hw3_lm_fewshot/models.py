@@ -14,6 +14,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.data import data_root
+from common.data import data_root, file_md5
 from common.errors import CS330Error
 
 HUB_MODELS = {
@@ -50,6 +51,7 @@ class ModelSpec:
     kind: str | None  # "encoder", "causal", or None = decided from the config at load time
     gguf_file: str | None = None
     version: str = ""
+    data_dir: str | None = None  # --data_dir: where a GGUF model's de-quantized copy is kept
 
 
 def quiet_transformers() -> None:
@@ -66,8 +68,9 @@ def _choices_text() -> str:
     return f"offline: {offline}; hub: {hub}; or any hub id / local model folder"
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """Map a short name, hub id or folder to a :class:`ModelSpec`, with a clear error for unknown names."""
+def resolve_model(name: str, data_dir: str | None = None) -> ModelSpec:
+    """Map a short name, hub id or folder to a :class:`ModelSpec`, with a clear error for unknown names;
+    ``data_dir`` (``--data_dir``) holds the de-quantized copy of a GGUF model."""
     if name in OFFLINE_MODELS:
         dist_name, marker, kind = OFFLINE_MODELS[name]
         try:
@@ -82,7 +85,8 @@ def resolve_model(name: str) -> ModelSpec:
             raise CS330Error(f"the installed package {dist_name} holds no file ending in {marker!r}; reinstall it")
         located = Path(dist.locate_file(found[0]))
         if marker.endswith(".gguf"):
-            return ModelSpec(name, str(located.parent), kind, gguf_file=located.name, version=dist.version)
+            return ModelSpec(name, str(located.parent), kind, gguf_file=located.name, version=dist.version,
+                             data_dir=data_dir)
         return ModelSpec(name, str(located.parent), kind, version=dist.version)
     if name in HUB_MODELS:
         return ModelSpec(name, HUB_MODELS[name], "encoder" if name.startswith("bert") else "causal")
@@ -100,7 +104,28 @@ def resolve_model(name: str) -> ModelSpec:
 
 
 def _gguf_cache_dir(spec: ModelSpec) -> Path:
-    return data_root() / "models" / f"{spec.name}-{spec.version}-f32"
+    return data_root(spec.data_dir) / "models" / f"{spec.name}-{spec.version}-f32"
+
+
+CACHE_CHECKSUM = "weights.md5"  # written with the de-quantized copy, checked before it is used
+_INTACT: set[Path] = set()  # caches this process has checked
+
+
+def _weights_md5(folder: Path) -> str:
+    """The md5 of each safetensors file of the folder (one, or the shards of a large model), in name order."""
+    return " ".join(f"{path.name}:{file_md5(path)}" for path in sorted(folder.glob("*.safetensors")))
+
+
+def _cache_intact(cache: Path) -> bool:
+    """Whether the de-quantized copy is whole: its weights' md5 as written (once per process: ~1 s)."""
+    if cache not in _INTACT:
+        try:
+            expected = (cache / CACHE_CHECKSUM).read_text().strip()
+            if expected and expected == _weights_md5(cache):
+                _INTACT.add(cache)
+        except OSError:
+            pass
+    return cache in _INTACT
 
 
 def _load_pretrained(auto_cls, spec: ModelSpec, **kwargs):
@@ -118,8 +143,12 @@ def _load_pretrained(auto_cls, spec: ModelSpec, **kwargs):
             return (auto_cls.from_pretrained(spec.path, config=config),
                     AutoTokenizer.from_pretrained(spec.path, config=config))
         cache = _gguf_cache_dir(spec) if spec.version else None
-        if cache is not None and (cache / "config.json").exists():
-            return auto_cls.from_pretrained(cache, **kwargs), AutoTokenizer.from_pretrained(cache)
+        if cache is not None and cache.exists():
+            if _cache_intact(cache):
+                return auto_cls.from_pretrained(cache, **kwargs), AutoTokenizer.from_pretrained(cache)
+            print(f"note: the de-quantized copy {cache} is damaged or incomplete (checksum); rebuilding it",
+                  file=sys.stderr)
+            shutil.rmtree(cache, ignore_errors=True)
         model = auto_cls.from_pretrained(spec.path, gguf_file=spec.gguf_file, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
         if cache is not None:
@@ -142,6 +171,7 @@ def _save_dequantized(model, tokenizer, cache: Path) -> None:
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_CHECKSUM).write_text(_weights_md5(tmp) + "\n")
         os.replace(tmp, cache)
     except OSError:
         pass  # a read-only data dir only costs speed

@@ -573,3 +573,63 @@ def test_a_context_limit_that_cannot_hold_a_query_is_refused_and_truncation_is_e
     for limit in (0, -5):
         with pytest.raises(CS330Error, match=f"leaves {limit} tokens"):
             truncate_left(list(range(10)), limit)
+
+
+# ---------------------------------------------------------------------------- damaged weights (issue 28)
+def test_truncated_weights_in_a_model_folder_are_one_line(tiny_models, tmp_path, capsys):
+    import os
+    import shutil
+
+    from hw3_lm_fewshot import ft, icl
+    from tests.test_hw3_unit import write_tiny_data
+
+    folder = shutil.copytree(tiny_models["gpt2"], tmp_path / "gpt2")
+    os.truncate(folder / "model.safetensors", (folder / "model.safetensors").stat().st_size // 2)
+    data = write_tiny_data(tmp_path / "data")
+    for main in (ft.main, icl.main):
+        run_dir = tmp_path / "run"
+        with pytest.raises(SystemExit) as info:
+            main(["--model", str(folder), "--dataset", "babi", "--data_dir", str(data), "--n_eval", "3", "--k", "1",
+                  "--device", "cpu", "--threads", "1", "--log_dir", str(run_dir)])
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert info.value.code == 2 and len(errors) == 1 and not run_dir.exists()
+        assert f"the weights of model '{folder}' in {folder} are damaged" in errors[0], errors[0]
+
+
+def test_the_dequantized_copy_lives_under_data_dir_and_a_damaged_one_is_rebuilt(tiny_models, tmp_path, monkeypatch,
+                                                                               capsys):
+    """A GGUF model is de-quantized once into <--data_dir>/models/ with the md5 of its weights; a copy
+    that fails it (here: truncated) is named and rebuilt. The GGUF reader is a stand-in (the tiny
+    Llama), so only the caching is under test."""
+    import os
+
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    from hw3_lm_fewshot import models
+
+    reads: list[str] = []
+
+    class FromGGUF:  # what AutoModelForCausalLM does with gguf_file=..., on the tiny Llama
+        @staticmethod
+        def from_pretrained(path, gguf_file=None, dtype=None, **kwargs):
+            reads.append(gguf_file)
+            return LlamaForCausalLM.from_pretrained(tiny_models["llama"] if gguf_file else path, **kwargs)
+
+    tokenizer_from = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path, gguf_file=None, **kw: tokenizer_from(tiny_models["llama"] if gguf_file else path))
+    spec = models.ModelSpec("tiny", str(tiny_models["llama"]), "causal", gguf_file="tiny.gguf", version="1",
+                            data_dir=str(tmp_path / "big_disk"))
+    cache = tmp_path / "big_disk" / "models" / "tiny-1-f32"
+    models._load_pretrained(FromGGUF, spec)
+    assert reads == ["tiny.gguf"] and (cache / models.CACHE_CHECKSUM).exists()
+    models._INTACT.clear()  # a new process
+    models._load_pretrained(FromGGUF, spec)
+    assert reads == ["tiny.gguf", None]  # from the copy
+    os.truncate(cache / "model.safetensors", 1000)
+    models._INTACT.clear()
+    model, _ = models._load_pretrained(FromGGUF, spec)
+    assert reads == ["tiny.gguf", None, "tiny.gguf"] and "is damaged or incomplete (checksum); rebuilding" in \
+        capsys.readouterr().err
+    assert models._cache_intact(cache) and isinstance(model, LlamaForCausalLM)
