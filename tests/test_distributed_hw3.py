@@ -3,8 +3,8 @@ processes follow the single-process run's training losses step by step and give 
 classifier (mean over examples) and for a causal LM (mean over answer tokens, whose count differs
 between the ranks' shares).
 
-Real processes (gloo on the CPU, one thread each), as a user would start them. Skipped without the
-offline model packages.
+Real processes (gloo on the CPU, one thread each), as a user would start them. The MiniLM and
+SmolLM2-tokenizer tests are skipped without the offline model packages; the GPT-2 one needs none.
 """
 
 from __future__ import annotations
