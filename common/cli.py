@@ -107,9 +107,10 @@ RUN_ONLY_FLAGS = frozenset({"device", "resume", "test", "log_dir", "data_dir", "
 
 
 def add_run_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed", seed_default: int = 0,
-                 resume: bool = True) -> None:
+                 resume: bool = True, log_dir_aliases: tuple[str, ...] = ()) -> None:
     """``--device``, ``--precision``, ``--threads``, the seed flag, ``--log_dir``, ``--data_dir``
-    and (for scripts that checkpoint) ``--resume``."""
+    and (for scripts that checkpoint) ``--resume``. ``log_dir_aliases``: other spellings of
+    ``--log_dir`` a script accepts (hw0's course code calls it ``--logdir``)."""
     group = parser.add_argument_group("run")
     group.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                        help="where to train; auto picks CUDA when present, else MPS, else CPU (default: auto)")
@@ -122,7 +123,7 @@ def add_run_args(parser: argparse.ArgumentParser, seed_flag: str = "--seed", see
     group.add_argument("--threads", type=positive_int, default=None,
                        help="CPU threads for torch (default: the cores this process may use)")
     group.add_argument(seed_flag, type=int, default=seed_default, help=f"random seed (default: {seed_default})")
-    group.add_argument("--log_dir", default=None,
+    group.add_argument("--log_dir", *log_dir_aliases, default=None,
                        help="run folder for TensorBoard logs, checkpoints and results.json "
                             "(default: runs/<homework>/<run name built from the flags>)")
     group.add_argument("--data_dir", default=None,

@@ -3,18 +3,21 @@
 
   python hw0_recsys/train.py                                   # course multi-task model, 0.5/0.5
   python hw0_recsys/train.py --factorization_weight 0.99 --regression_weight 0.01
-  python hw0_recsys/train.py --no_embedding_sharing            # separate embeddings per task
+  python hw0_recsys/train.py --no_shared_embeddings            # separate embeddings per task
   python hw0_recsys/train.py --model svdpp --split u1          # SVD++ on the official u1 fold
 
 Each run writes TensorBoard logs, checkpoints and results.json to runs/hw0_recsys/<run name>
 (or --log_dir); --resume continues a killed run from its last checkpoint with identical results.
 Every flag of a resumed run must equal the run's, except the run length and intervals
-(--num_epochs, --eval_every, --checkpoint_every), --save_predictions, --device and --threads; as
---num_epochs is part of the run name, extending a run goes through an explicit --log_dir:
-  python hw0_recsys/train.py --num_epochs 5 --log_dir runs/hw0_recsys/mine
-  python hw0_recsys/train.py --num_epochs 10 --log_dir runs/hw0_recsys/mine --resume
-A run with --lr_schedule cosine cannot be extended (its rate decays over --num_epochs, so a longer
-run is another schedule): there --num_epochs must equal the run's too.
+(--epochs, --eval_every, --checkpoint_every), --save_predictions, --device and --threads; as
+--epochs is part of the run name, extending a run goes through an explicit --log_dir:
+  python hw0_recsys/train.py --epochs 5 --log_dir runs/hw0_recsys/mine
+  python hw0_recsys/train.py --epochs 10 --log_dir runs/hw0_recsys/mine --resume
+A run with --lr_schedule cosine cannot be extended (its rate decays over --epochs, so a longer
+run is another schedule): there --epochs must equal the run's too.
+The course's flags are accepted as they are: --epochs (also --num_epochs), --shared_embeddings /
+--no_shared_embeddings (also --no_embedding_sharing), --logdir (also --log_dir); hparams.json keeps
+the names num_epochs, no_embedding_sharing and log_dir, so earlier run folders still resume.
 With --val_fraction > 0 a slice of the training ratings is held out and all metrics are computed
 on it instead of the test set, so hyper-parameters can be chosen without looking at the test data.
 Add --early_stopping to keep, for each task, the model of the epoch it was best at on that slice
@@ -104,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(ranking by MRR, ratings by MSE), evaluated every --eval_every epochs")
     parser.add_argument("--embedding_dim", type=positive_int, default=None,
                         help="factors per user/item, or autorec's hidden units (32 | 50 | 300)")
-    parser.add_argument("--num_epochs", type=positive_int, default=None,
-                        help="passes over the training ratings (multitask 10; svdpp 300, autorec 100 full-batch steps)")
+    parser.add_argument("--epochs", "--num_epochs", dest="num_epochs", type=positive_int, default=None,
+                        help="passes over the training ratings (multitask 10; svdpp 300, autorec 100 full-batch "
+                             "steps); --epochs is the course's name, --num_epochs the same flag")
     parser.add_argument("--batch_size", type=non_negative_int, default=None,
                         help="ratings per step; 0 = full batch (256 | 0)")
     parser.add_argument("--lr", type=learning_rate, default=None, help="Adam learning rate (1e-3 | 0.01 | 0.01)")
@@ -117,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
                     help="weight of the interaction (ranking) loss")
     mt.add_argument("--regression_weight", type=non_negative_float, default=0.5, help="weight of the rating loss")
-    mt.add_argument("--no_embedding_sharing", action="store_true", help="give the rating head its own embeddings")
+    mt.add_argument("--no_shared_embeddings", "--no_embedding_sharing", dest="no_embedding_sharing",
+                    action="store_true", default=False,
+                    help="give the rating head its own embeddings (the course's flag; --no_embedding_sharing is "
+                         "the same flag)")
+    mt.add_argument("--shared_embeddings", dest="no_embedding_sharing", action="store_false", default=False,
+                    help="one pair of embeddings for both heads: the default (the course's flag)")
     mt.add_argument("--layer_sizes", type=int_list(1, "96,64"), default=[96, 64], help="MLP widths of the rating head")
     mt.add_argument("--weight_decay", type=non_negative_float, default=0.0, help="Adam L2 weight decay")
     mt.add_argument("--factorization_loss", choices=("course", "bpr", "pointwise"), default="course",
@@ -142,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the final predicted ratings of the evaluation pairs to predictions.pt (for blends)")
     parser.add_argument("--eval_every", type=positive_int, default=None, help="epochs between evaluations")
     parser.add_argument("--checkpoint_every", type=positive_int, default=None, help="epochs between checkpoints")
-    add_run_args(parser)
+    add_run_args(parser, log_dir_aliases=("--logdir",))
     return parser
 
 
