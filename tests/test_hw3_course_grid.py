@@ -15,7 +15,8 @@ import pytest
 
 from hw3_lm_fewshot import experiments
 from hw3_lm_fewshot.data import AMAZON_RELPATH, BABI_DIR, BABI_EVAL_FILE, BABI_POOL_FILES, XSUM_RELPATHS
-from tests.test_hw3_tiny_models import old_hub_layout, tiny_model_folders
+from tests.test_hw3_model_checks import old_hub_layout
+from tests.test_hw3_tiny_models import tiny_model_folders
 from tests.test_hw3_unit import write_jsonl
 
 WORDS = ["awful", "poor", "fine", "good", "great"]
