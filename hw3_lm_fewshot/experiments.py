@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> None:
         raise CS330Error(f"unknown part(s) {unknown}; choose from: {', '.join(PARTS)}")
     sizes = resized({**PRESETS[args.preset], **{k: getattr(args, k) for k in ("encoder", "lm") if getattr(args, k)}},
                     args)
+    if unknown := sorted({name for name, _ in args.model_map} - {sizes["encoder"], sizes["lm"]}):
+        raise CS330Error(f"--model_map names {', '.join(unknown)}, which this grid does not run; its models are "
+                         f"{sizes['encoder']} (amazon fine-tuning) and {sizes['lm']} (the rest)")
     configs = [with_models(config, dict(args.model_map)) for part in parts for config in part_configs(part, sizes)]
     # ft.py and icl.py keep no checkpoints and have no --resume: a killed run starts again.
     run_experiments(args, HOMEWORK, configs, report_for(parts, sizes), resume=False)

@@ -93,3 +93,7 @@ def test_model_map_and_stand_in_sizes_change_only_what_they_name(capsys):
     with pytest.raises(SystemExit) as info:
         experiments.main(["--preset", "course", "--dry_run", "--model_map", "full"])
     assert info.value.code == 2 and "expected NAME=PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        experiments.main(["--preset", "course", "--dry_run", "--model_map", "gpt2=/models/gpt2"])
+    assert info.value.code == 2 and "--model_map names gpt2, which this grid does not run; its models are bert-med " \
+        "(amazon fine-tuning) and full (the rest)" in capsys.readouterr().err
