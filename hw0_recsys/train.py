@@ -31,15 +31,14 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 
 # isort: split
 import argparse
-import inspect
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from common.checkpoint import atomic_save, capture_rng_state, restore_rng_state
+from common.checkpoint import capture_rng_state, restore_rng_state
 from common.cli import (
     add_run_args,
     int_list,
@@ -53,36 +52,22 @@ from common.device import autocast, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.limits import check_fits
 from common.run import RunFolder
-from common.runlog import build_run_name, runs_root
+from common.runlog import RunLogger, build_run_name, runs_root
 from common.seeding import seed_everything
-from hw0_recsys.autoencoders import KernelAutoRec, UserAutoRec
-from hw0_recsys.data import SPLIT_CHOICES, VAL_SPLIT_SEED, Ratings, holdout, interaction_matrix, load_split
-from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
-from hw0_recsys.model import ItemAutoRec, MultiTaskNet, SVDPlusPlus
-from hw0_recsys.neighbourhood import ItemNeighbourhood
-from hw0_recsys.time_models import TimeBaseline, TimeSVDPlusPlus
+from hw0_recsys.data import SPLIT_CHOICES, VAL_SPLIT_SEED, Ratings, Split, holdout, load_split
+from hw0_recsys.evaluate import early_stopped_metrics, evaluate, update_best
+from hw0_recsys.predictors import (
+    FULL_BATCH_MODELS,
+    MODEL_DEFAULTS,
+    RATING_MODELS,
+    build_model,
+    model_args_help,
+    model_hparams,
+    parse_model_args,
+    training_losses,
+)
 
 HOMEWORK = "hw0_recsys"
-# Flags left unset take the default of the chosen model.
-MODEL_DEFAULTS = {
-    "multitask": {"embedding_dim": 32, "num_epochs": 10, "batch_size": 256, "lr": 1e-3},
-    # Chosen on a validation slice of u1.base (see README), never on a test fold.
-    "svdpp": {"embedding_dim": 50, "num_epochs": 300, "batch_size": 0, "lr": 0.01},
-    "autorec": {"embedding_dim": 300, "num_epochs": 100, "batch_size": 0, "lr": 0.01},
-}
-# The blend's other predictors (issue 15). Each has predict(Ratings), all_scores() and penalty(); its
-# hyper-parameters are its constructor's keyword arguments, set with --model_arg NAME=VALUE, and their
-# defaults were chosen on a validation slice of u1.base (README).
-RATING_MODELS = {"timebase": TimeBaseline, "timesvdpp": TimeSVDPlusPlus, "neighbourhood": ItemNeighbourhood,
-                 "uautorec": UserAutoRec, "kernelnet": KernelAutoRec}
-MODEL_DEFAULTS.update({  # run length and Adam rate of each (--embedding_dim does not apply: see --model_arg)
-    "timebase": {"embedding_dim": 0, "num_epochs": 300, "batch_size": 0, "lr": 0.01},
-    "timesvdpp": {"embedding_dim": 0, "num_epochs": 300, "batch_size": 0, "lr": 0.01},
-    "neighbourhood": {"embedding_dim": 0, "num_epochs": 100, "batch_size": 0, "lr": 0.02},
-    "uautorec": {"embedding_dim": 0, "num_epochs": 100, "batch_size": 0, "lr": 0.01},
-    "kernelnet": {"embedding_dim": 0, "num_epochs": 400, "batch_size": 0, "lr": 0.03, "lr_schedule": "cosine"},
-})
-FULL_BATCH_MODELS = ("svdpp", "autorec", *RATING_MODELS)
 # Flags a --resume may change (besides common.cli.RUN_ONLY_FLAGS): the run length, the intervals and
 # whether the final predictions are saved. Every other flag must equal the run's.
 RESUMABLE_FLAGS = ("num_epochs", "eval_every", "checkpoint_every", "save_predictions")
@@ -190,39 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_hparams(model: str) -> dict[str, object]:
-    """The keyword arguments of a rating model's constructor, with their defaults."""
-    signature = inspect.signature(RATING_MODELS[model].__init__)
-    return {name: p.default for name, p in signature.parameters.items() if p.default is not inspect.Parameter.empty}
-
-
-def model_args_help() -> str:
-    lines = ["--model_arg hyper-parameters (defaults chosen on a validation slice of u1.base):"]
-    lines += [f"  {model}: " + ", ".join(f"{name}={value}" for name, value in model_hparams(model).items())
-              for model in RATING_MODELS]
-    return "\n".join(lines)
-
-
-def parse_model_args(parser: argparse.ArgumentParser, model: str, pairs: list[str]) -> dict[str, object]:
-    """``["hidden_size=500", ...]`` -> ``{"hidden_size": 500}``, typed like each default; a name the
-    model does not take, or a value of the wrong type, is a parse error naming the choices."""
-    known, parsed = model_hparams(model), {}
-    for pair in pairs:
-        name, equals, text = pair.partition("=")
-        if not equals or name not in known:
-            parser.error(f"--model_arg {pair!r}: expected NAME=VALUE with NAME one of {', '.join(known)} "
-                         f"(--model {model})")
-        kind = type(known[name])
-        try:
-            value = {bool: lambda t: {"true": True, "false": False}[t.lower()]}.get(kind, kind)(text)
-        except (KeyError, ValueError):
-            parser.error(f"--model_arg {pair!r}: {name} must be of type {kind.__name__} (default {known[name]})")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < float("inf"):
-            parser.error(f"--model_arg {pair!r}: {name} must be a finite number >= 0")
-        parsed[name] = value
-    return parsed
-
-
 def resumable_flags(args: argparse.Namespace) -> tuple[str, ...]:
     """The flags a --resume may change: not the run length under a cosine schedule, whose rate at
     every epoch depends on it (extending a 4-epoch run to 8 would switch schedules mid-run)."""
@@ -255,8 +207,8 @@ def run_name_parts(args: argparse.Namespace) -> dict:
         common["testfrac"] = args.test_fraction
     if args.val_fraction > 0:
         common["val"] = args.val_fraction
-    if args.early_stopping:
-        common["es"] = 1
+    if args.early_stopping:  # the best epochs are chosen among those evaluated: every --eval_every
+        common["es"] = args.eval_every
     if args.model == "multitask":
         specific = {"fw": args.factorization_weight, "rw": args.regression_weight,
                     "share": int(not args.no_embedding_sharing), "mlp": "-".join(map(str, args.layer_sizes)),
@@ -274,52 +226,13 @@ def run_name_parts(args: argparse.Namespace) -> dict:
     return {**common, **specific, "prec": resolved_precision(args.precision), "seed": args.seed}
 
 
-def build_model(args: argparse.Namespace, train: Ratings, num_users: int, num_items: int,
-                rated: Ratings | None = None) -> torch.nn.Module:
-    """``rated``: the (user, item) pairs that make up SVD++'s N(u); the training pairs when None."""
-    if args.model == "multitask":
-        return MultiTaskNet(num_users, num_items, args.embedding_dim, args.layer_sizes,
-                            embedding_sharing=not args.no_embedding_sharing)
-    if args.model in RATING_MODELS:
-        return RATING_MODELS[args.model](num_users, num_items, train, **args.model_args)
-    if args.model == "autorec":
-        return ItemAutoRec(num_users, num_items, args.embedding_dim, train.users, train.items, train.ratings)
-    rated = rated or train
-    model = SVDPlusPlus(num_users, num_items, args.embedding_dim, rated.users, rated.items,
-                        float(train.ratings.mean()), reg_exponent=args.reg_exponent, implicit=not args.no_implicit)
-    if rated is not train:  # the L2 weights must still count training ratings only
-        plain = SVDPlusPlus(num_users, num_items, 1, train.users, train.items, 0.0,
-                            reg_exponent=args.reg_exponent, implicit=False)
-        for name in ("user_weights", "item_weights", "implicit_weights"):
-            getattr(model, name).copy_(getattr(plain, name))
-    return model
+def run_name(args: argparse.Namespace) -> str:
+    return build_run_name(args.model, run_name_parts(args))
 
 
-def training_losses(args: argparse.Namespace, model: torch.nn.Module, batch: Ratings,
-                    generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The losses of one step; ``loss`` is what is minimised."""
-    if args.model != "multitask":  # a rating model: squared error over the batch plus its L2 penalty
-        regression = (model.predict(batch) - batch.ratings).square().mean()
-        if args.model == "autorec":
-            penalty = model.penalty(args.autorec_reg)
-        elif args.model == "svdpp":
-            penalty = model.penalty(args.factor_reg, args.bias_reg, args.implicit_reg)
-        else:
-            penalty = model.penalty()
-        return {"loss": regression + penalty, "regression_loss": regression}
-    # One uniformly drawn negative item per positive, as Spotlight's pointwise loss does.
-    negatives = torch.randint(model.item_biases.num_embeddings, (len(batch),), generator=generator)
-    positive_logits, predicted_ratings = model(batch.users, batch.items)
-    negative_logits, _ = model(batch.users, negatives.to(batch.users.device))
-    if args.factorization_loss == "course":
-        factorization = (1.0 - torch.sigmoid(positive_logits - negative_logits)).mean()
-    elif args.factorization_loss == "bpr":
-        factorization = -F.logsigmoid(positive_logits - negative_logits).mean()
-    else:
-        factorization = ((1.0 - torch.sigmoid(positive_logits)) + torch.sigmoid(negative_logits)).mean()
-    regression = F.mse_loss(predicted_ratings, batch.ratings)
-    loss = args.factorization_weight * factorization + args.regression_weight * regression
-    return {"loss": loss, "factorization_loss": factorization, "regression_loss": regression}
+def run_folder(args: argparse.Namespace) -> Path:
+    """``--log_dir``, or ``runs/hw0_recsys/<run name>``."""
+    return Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name(args)
 
 
 def train_epoch(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -344,76 +257,47 @@ def train_epoch(args: argparse.Namespace, model: torch.nn.Module, optimizer: tor
     return {f"train/{key}": float(total) / num_batches for key, total in sums.items()}
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, train: Ratings, test: Ratings, num_users: int, num_items: int,
-             predictions_path: Path | None = None) -> dict:
-    """Ranking metrics over all items (training items excluded) and rating metrics on the test pairs;
-    the predicted ratings are saved to ``predictions_path`` when given."""
-    model.eval()
-    if not isinstance(model, MultiTaskNet):
-        scores = model.all_scores()  # rank by predicted rating
-        # A time model's rating depends on the test rating's day, which the scores (at t_u) do not
-        # know; every other model's rating is read from the scores, not computed a second time.
-        predicted = (model.predict(test) if isinstance(model, (TimeBaseline, TimeSVDPlusPlus))
-                     else scores.reshape(-1)[test.users * num_items + test.items])
-    else:
-        scores = model.all_logits()
-        predicted = model(test.users, test.items)[1]
-    model.train()
-    if predictions_path is not None:
-        atomic_save({"users": test.users.cpu(), "items": test.items.cpu(), "ratings": test.ratings.cpu(),
-                    "predicted": predicted.cpu()}, predictions_path)
-    train_seen = interaction_matrix(train, num_users, num_items)
-    metrics = {"mrr": mrr_score(scores, train_seen, test.users, test.items)}
-    metrics.update(top_k_metrics(scores, train_seen, interaction_matrix(test, num_users, num_items), k=10))
-    metrics.update(rating_metrics(predicted, test.ratings))
-    return metrics
+@dataclass
+class Training:
+    """What a run trains and scores, built before its folder exists: a bad input fails with nothing written."""
+
+    split: Split  # the whole split: early stopping scores its test pairs once, at the end
+    train: Ratings  # the ratings trained on (the split's, less the validation slice)
+    evaluation: Ratings  # what every evaluation scores: the validation slice, or the test pairs
+    eval_name: str  # "val" or "test", the prefix of those metrics
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator  # data order and negative samples
+
+    def evaluate(self, predictions_path: Path | None = None) -> dict:
+        return evaluate(self.model, self.train, self.evaluation, self.split.num_users, self.split.num_items,
+                        predictions_path)
+
+    def state(self, best: dict) -> dict:
+        """A checkpoint's contents: everything :meth:`restore` needs to continue the run exactly."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "rng": capture_rng_state(), "best": best}
+
+    def restore(self, state: dict) -> tuple[int, dict]:
+        """Load a checkpoint; returns its epoch and the early-stopping record."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints from before --lr_schedule: constant rate
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        restore_rng_state(state["rng"])
+        return state["step"], state.get("best", {})
 
 
-# ---------------------------------------------------------------------------- early stopping, per task
-BETTER = {"mrr": float.__gt__, "mse": float.__lt__}  # validation metric -> "is this value better?"
-RATING_KEYS = ("mse", "rmse")  # the rating task's metrics; every other metric ranks
-
-
-def update_best(best: dict, metrics: dict, epoch: int, model: torch.nn.Module) -> None:
-    """Keep a copy of the weights of the epoch with the best validation MRR and MSE so far."""
-    for metric, better in BETTER.items():
-        if metric not in best or better(metrics[metric], best[metric]["value"]):
-            best[metric] = {"epoch": epoch, "value": metrics[metric],
-                            "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-
-
-def early_stopped_metrics(model: torch.nn.Module, best: dict, rated: Ratings, test: Ratings, num_users: int,
-                          num_items: int) -> dict[str, float]:
-    """Test metrics as deployed with per-task early stopping: the ranking metrics of the best-MRR
-    weights, the rating metrics of the best-MSE weights, and the epochs they came from. ``rated``:
-    every known rating (training and validation), whose items are left out of the test ranking."""
-    final = {k: v.clone() for k, v in model.state_dict().items()}
-    results = {}
-    for metric in BETTER:
-        model.load_state_dict(best[metric]["model"])
-        metrics = evaluate(model, rated, test, num_users, num_items)
-        results.update({f"test/{k}": v for k, v in metrics.items() if (k in RATING_KEYS) == (metric == "mse")})
-        results[f"best_epoch/{metric}"] = best[metric]["epoch"]
-    model.load_state_dict(final)
-    return results
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
-    # Adam with weight decay drives the moments of rarely used embedding rows into subnormal floats, on
-    # which a CPU is many times slower: 12 epochs with --weight_decay 1e-5 took 201 s against 42 s with
-    # subnormals flushed to zero, with the same MRR and RMSE to 3 decimals (README).
-    torch.set_flush_denormal(True)
-    # The data and the model first: whatever fails on bad input fails before a run folder exists.
+def build_training(args: argparse.Namespace, device: torch.device) -> Training:
+    """Load the split and build the model and its optimizer, seeded, on ``device``."""
     split = load_split(args.split, args.data_dir, args.test_fraction)
     train, evaluation, eval_name = split.train, split.test, "test"
     if args.val_fraction > 0:
         train, evaluation = holdout(train, args.val_fraction, VAL_SPLIT_SEED)
         eval_name = "val"
-    test = split.test.to(device)  # read only by --early_stopping, once, at the end
     rated = None
     if args.implicit_from_test:
         # Who rated what, over the whole split: ids of the test pairs, never their ratings.
@@ -425,59 +309,70 @@ def main(argv: list[str] | None = None) -> dict:
                "lower --embedding_dim")
     seed_everything(args.seed)
     model = build_model(args, train, split.num_users, split.num_items, rated).to(device)
-    train, evaluation = train.to(device), evaluation.to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                  weight_decay=args.weight_decay if args.model == "multitask" else 0.0)
     # cosine: the rate of epoch e (0-based) is lr * (1 + cos(pi e / num_epochs)) / 2, down to ~0 at the end
     decay = (lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / args.num_epochs))) if args.lr_schedule == "cosine" \
         else (lambda epoch: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    generator = torch.Generator().manual_seed(args.seed)  # data order and negative samples
+    return Training(split, train.to(device), evaluation.to(device), eval_name, model, optimizer,
+                    torch.optim.lr_scheduler.LambdaLR(optimizer, decay), torch.Generator().manual_seed(args.seed))
 
-    run_name = build_run_name(args.model, run_name_parts(args))
-    run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
+
+def train_epochs(args: argparse.Namespace, training: Training, run: RunFolder, logger: RunLogger, start_epoch: int,
+                 best: dict, device: torch.device, precision: str) -> None:
+    """Epochs ``start_epoch + 1 .. --epochs``: train, evaluate every --eval_every epochs (and keep each
+    task's best weights under --early_stopping), checkpoint every --checkpoint_every epochs."""
+    for epoch in range(start_epoch + 1, args.num_epochs + 1):
+        epoch_losses = train_epoch(args, training.model, training.optimizer, training.train, training.generator,
+                                   device, precision)
+        training.scheduler.step()
+        run.check_loss(epoch_losses["train/loss"], epoch)
+        logger.log(epoch_losses, epoch)
+        if epoch % args.eval_every == 0 or epoch == args.num_epochs:
+            metrics = training.evaluate()
+            logger.log({f"{training.eval_name}/{key}": value for key, value in metrics.items()}, epoch)
+            logger.advance(epoch, loss=epoch_losses["train/loss"], mrr=metrics["mrr"], rmse=metrics["rmse"])
+            if args.early_stopping:
+                update_best(best, metrics, epoch, training.model)
+        else:
+            logger.advance(epoch, loss=epoch_losses["train/loss"])
+        if epoch % args.checkpoint_every == 0 or epoch == args.num_epochs:
+            run.save(epoch, training.state(best), keep_last=2)
+
+
+def final_results(args: argparse.Namespace, training: Training, best: dict, run_dir: Path,
+                  device: torch.device) -> dict:
+    """The final model's metrics (and, under --early_stopping, the test metrics of each task's best epoch)."""
+    metrics = training.evaluate(run_dir / "predictions.pt" if args.save_predictions else None)
+    results = {f"{training.eval_name}/{key}": value for key, value in metrics.items()}
+    if args.early_stopping:
+        # Ranked among all items the user has not rated: the validation slice's are rated too, so
+        # they are left out of the candidates (README: what leaving them in cost).
+        split = training.split
+        results.update(early_stopped_metrics(training.model, best, split.train.to(device), split.test.to(device),
+                                             split.num_users, split.num_items))
+    return results
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    # Adam with weight decay drives the moments of rarely used embedding rows into subnormal floats, on
+    # which a CPU is many times slower; flushed to zero, the metrics are the same (README).
+    torch.set_flush_denormal(True)
+    training = build_training(args, device)  # the data and the model first: bad input fails before a run folder
+    name, run_dir = run_name(args), run_folder(args)
     with RunFolder.open(run_dir, run_hparams(args), resume=args.resume, resumable=resumable_flags(args),
                         length_flag="num_epochs") as run:
-        start_epoch, best = 0, {}
-        state = run.resume_state(map_location=device, model=model)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if "scheduler" in state:  # checkpoints from before --lr_schedule: constant rate
-                scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
-            restore_rng_state(state["rng"])
-            start_epoch, best = state["step"], state.get("best", {})
-        with run.logger(start_epoch, args.num_epochs, desc=run_name) as logger:
-            logger.write(f"{args.model}: {len(train)} training and {len(evaluation)} {eval_name} ratings on {device}")
+        state = run.resume_state(map_location=device, model=training.model)
+        start_epoch, best = training.restore(state) if state is not None else (0, {})
+        with run.logger(start_epoch, args.num_epochs, desc=name) as logger:
+            logger.write(f"{args.model}: {len(training.train)} training and {len(training.evaluation)} "
+                         f"{training.eval_name} ratings on {device}")
             started = time.perf_counter()
-            for epoch in range(start_epoch + 1, args.num_epochs + 1):
-                epoch_losses = train_epoch(args, model, optimizer, train, generator, device, precision)
-                scheduler.step()
-                run.check_loss(epoch_losses["train/loss"], epoch)
-                logger.log(epoch_losses, epoch)
-                if epoch % args.eval_every == 0 or epoch == args.num_epochs:
-                    metrics = evaluate(model, train, evaluation, split.num_users, split.num_items)
-                    logger.log({f"{eval_name}/{key}": value for key, value in metrics.items()}, epoch)
-                    logger.advance(epoch, loss=epoch_losses["train/loss"], mrr=metrics["mrr"], rmse=metrics["rmse"])
-                    if args.early_stopping:
-                        update_best(best, metrics, epoch, model)
-                else:
-                    logger.advance(epoch, loss=epoch_losses["train/loss"])
-                if epoch % args.checkpoint_every == 0 or epoch == args.num_epochs:
-                    run.save(epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(),
-                                     "generator": generator.get_state(), "rng": capture_rng_state(), "best": best},
-                             keep_last=2)
-
-            metrics = evaluate(model, train, evaluation, split.num_users, split.num_items,
-                               run_dir / "predictions.pt" if args.save_predictions else None)
-            results = {f"{eval_name}/{key}": value for key, value in metrics.items()}
-            if args.early_stopping:
-                # Ranked among all items the user has not rated: the validation slice's are rated too
-                # (left among the candidates, they cost the 200-epoch runs 0.011 test MRR: 0.121 vs 0.132).
-                results.update(early_stopped_metrics(model, best, split.train.to(device), test, split.num_users,
-                                                     split.num_items))
+            train_epochs(args, training, run, logger, start_epoch, best, device, precision)
+            results = final_results(args, training, best, run_dir, device)
             results["train_seconds"] = time.perf_counter() - started  # this session only, if resumed
             logger.finish(results)
             logger.write(" ".join(f"{key}={value:.4f}" for key, value in results.items()) + f"  ({run_dir})")
