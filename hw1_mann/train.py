@@ -80,7 +80,7 @@ def str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_classes", type=positive_int, default=5, help="N: classes per task (default: 5)")
     parser.add_argument("--num_shot", type=positive_int, default=1,
@@ -111,7 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only evaluate the run's latest checkpoint on the test characters "
                              "(--test, --test true or --test false)")
     add_run_args(parser, seed_flag="--random_seed", seed_default=123)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with every default that depends on another flag resolved."""
+    args = build_parser().parse_args(argv)
     args.eval_tasks = args.eval_tasks or args.meta_batch_size
     return args
 
@@ -145,6 +150,11 @@ def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
     if args.model == "memory":
         parts.update(slots=args.memory_slots, mdim=args.memory_dim, reads=args.num_reads)
     return build_run_name(f"{args.model}_santoro" if santoro else args.model, parts)
+
+
+def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
+    """``--log_dir``, or ``runs/hw1_mann/<run name>``."""
+    return Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name(args, precision)
 
 
 def make_sampler(args: argparse.Namespace, split_images: torch.Tensor, device: torch.device,
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for i, (name, split) in enumerate(SAMPLERS)}
 
     hparams = {**{k: v for k, v in vars(args).items() if k not in {"resume", "test"}}, "precision": precision}
-    run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name(args, precision)
+    run_dir = run_folder(args, precision)
     # Checkpoints are read by rank 0 alone and sent to the others through the CPU.
     location = "cpu" if world.enabled else device
     if args.test:
