@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="constant, or cosine decay to 0 over --num_epochs, which a --resume then cannot "
                              "change (default: cosine for kernelnet, whose full-batch training oscillates at a "
                              "constant rate; constant otherwise)")
+    add_model_groups(parser)
+    parser.add_argument("--model_arg", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"a hyper-parameter of --model {'/'.join(RATING_MODELS)} (repeatable; listed below)")
+    parser.add_argument("--save_predictions", action="store_true",
+                        help="write the final predicted ratings of the evaluation pairs to predictions.pt (for blends)")
+    parser.add_argument("--eval_every", type=positive_int, default=None, help="epochs between evaluations")
+    parser.add_argument("--checkpoint_every", type=positive_int, default=None, help="epochs between checkpoints")
+    add_run_args(parser, log_dir_aliases=("--logdir",))
+    return parser
+
+
+def add_model_groups(parser: argparse.ArgumentParser) -> None:
+    """The flags of one model each: the course's multi-task model, SVD++ and I-AutoRec."""
     mt = parser.add_argument_group("multitask model")
     mt.add_argument("--factorization_weight", type=non_negative_float, default=0.5,
                     help="weight of the interaction (ranking) loss")
@@ -130,14 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     ar = parser.add_argument_group("autorec model")
     ar.add_argument("--autorec_reg", type=non_negative_float, default=100.0,
                     help="the paper's lambda: L2 on the encoder and decoder weights")
-    parser.add_argument("--model_arg", action="append", default=[], metavar="NAME=VALUE",
-                        help=f"a hyper-parameter of --model {'/'.join(RATING_MODELS)} (repeatable; listed below)")
-    parser.add_argument("--save_predictions", action="store_true",
-                        help="write the final predicted ratings of the evaluation pairs to predictions.pt (for blends)")
-    parser.add_argument("--eval_every", type=positive_int, default=None, help="epochs between evaluations")
-    parser.add_argument("--checkpoint_every", type=positive_int, default=None, help="epochs between checkpoints")
-    add_run_args(parser, log_dir_aliases=("--logdir",))
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -38,6 +38,7 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 import argparse
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -283,24 +284,75 @@ def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, state: dict[
     return {"step": state["step"], **{f"test_{k}": v for k, v in result.items()}}
 
 
+def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+            samplers: dict[str, TaskSampler]) -> tuple[int, list[dict[str, Any]]]:
+    """Continue from a checkpoint: its step and the curve so far."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for name in ("train", "val", "test"):
+        samplers[name].load_state_dict(state[f"{name}_tasks"])
+    restore_rng_state(state["rng"])
+    return state["step"], list(state["history"])
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, samplers: dict[str, TaskSampler],
+                     history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything :func:`restore` needs to continue the run exactly."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "train_tasks": samplers["train"].state_dict(), "val_tasks": samplers["val"].state_dict(),
+            "test_tasks": samplers["test"].state_dict(), "rng": capture_rng_state(), "history": history}
+
+
+def train_step(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: TaskSampler,
+               run: RunFolder | distributed.FollowerRun, world: distributed.World, step: int, precision: str) -> float:
+    """One meta-batch; returns its loss (the whole meta-batch's, on every rank)."""
+    # Every rank draws the whole meta-batch (so the sampler state is the same everywhere), keeps its share.
+    batch = sampler.sample(args.meta_batch_size)  # SequenceBatch or OnlineBatch, [B, ...]
+    batch = my_tasks(batch, world)  # [B/N, ...] under torchrun
+    with autocast(world.device, precision):
+        loss = sequence_loss(model(batch.images, batch.labels), batch.labels)
+    # Every step, before the update: a NaN/inf loss stops the run here (exit 2, no results.json),
+    # not up to --eval_freq steps later with the weights already poisoned. The mean over the
+    # ranks is the whole meta-batch's loss, the same on every rank: all ranks stop together.
+    train_loss = distributed.mean_over_ranks({"loss": loss}, world)["loss"]
+    run.check_loss(train_loss, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.average_gradients(model.parameters(), world)  # the whole meta-batch's gradient
+    optimizer.step()
+    return train_loss
+
+
+Score = Callable[..., dict[str, Any]]  # (sampler name, number of tasks, by_instance) -> evaluate_split's figures
+
+
+def validate(args: argparse.Namespace, score: Score, step: int, train_loss: float,
+             steps_per_sec: float) -> tuple[dict[str, Any], dict[str, float]]:
+    """The periodic scores of a meta-batch of val and of test tasks: (history record, TensorBoard scalars)."""
+    online = args.protocol == "santoro"  # Santoro et al.'s curve is by instance, and there it costs no extra forward
+    val = score("val", args.eval_tasks, by_instance=online)
+    test = score("test", args.eval_tasks, by_instance=online)
+    record = {"step": step, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
+              "test_loss": test["loss"], "test_acc": test["acc"]}
+    scalars = {"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
+               "test/loss": test["loss"], "test/acc": test["acc"], "train/steps_per_sec": steps_per_sec}
+    if online:
+        record.update(val_acc_by_instance=val["acc_by_instance"], test_acc_by_instance=test["acc_by_instance"])
+        scalars.update({f"test/acc_instance{i}": test["acc_by_instance"][i - 1]
+                        for i in INSTANCES if i <= args.presentations})
+    return record, scalars
+
+
 def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argparse.Namespace, model: nn.Module,
           optimizer: torch.optim.Optimizer, samplers: dict[str, TaskSampler], world: distributed.World,
           precision: str, location: str | torch.device) -> dict[str, Any]:
     """Train to ``--train_steps`` (from the latest checkpoint on --resume), then score the final model."""
-    device = world.device
-    start_step, history = 0, []
     # Rank 0 reads the checkpoint; every rank continues from it.
     state = distributed.run_on_main(lambda: run.resume_state(map_location=location, model=model), world, share=True)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for name in ("train", "val", "test"):
-            samplers[name].load_state_dict(state[f"{name}_tasks"])
-        restore_rng_state(state["rng"])
-        start_step, history = state["step"], list(state["history"])
+    start_step, history = restore(state, model, optimizer, samplers) if state is not None else (0, [])
 
     def score(name: str, num_tasks: int, by_instance: bool = False) -> dict[str, Any]:
-        with autocast(device, precision):
+        with autocast(world.device, precision):
             return evaluate_split(model, samplers[name], num_tasks, args.meta_batch_size, world, by_instance)
 
     # closing(): the logger of ranks other than 0 writes nothing and is no context manager.
@@ -309,49 +361,19 @@ def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argpars
         logger.write(f"run folder: {run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
                      + (f" ({world.world_size} processes)" if world.enabled else ""))
         train_seconds, timed_steps = 0.0, 0
-        online = args.protocol == "santoro"
         model.train()
         for step in range(start_step + 1, args.train_steps + 1):
             tic = time.perf_counter()
-            # Every rank draws the whole meta-batch (so the sampler state is the same everywhere), keeps its share.
-            batch = samplers["train"].sample(args.meta_batch_size)  # SequenceBatch or OnlineBatch, [B, ...]
-            batch = my_tasks(batch, world)  # [B/N, ...] under torchrun
-            with autocast(device, precision):
-                loss = sequence_loss(model(batch.images, batch.labels), batch.labels)
-            # Every step, before the update: a NaN/inf loss stops the run here (exit 2, no results.json),
-            # not up to --eval_freq steps later with the weights already poisoned. The mean over the
-            # ranks is the whole meta-batch's loss, the same on every rank: all ranks stop together.
-            train_loss = distributed.mean_over_ranks({"loss": loss}, world)["loss"]
-            run.check_loss(train_loss, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(model.parameters(), world)  # the whole meta-batch's gradient
-            optimizer.step()
+            train_loss = train_step(args, model, optimizer, samplers["train"], run, world, step, precision)
             train_seconds += time.perf_counter() - tic
             timed_steps += 1
-
             if step % args.eval_freq == 0 or step == args.train_steps:
-                # Santoro et al.'s curve is by instance, and there it costs no extra forward.
-                val = score("val", args.eval_tasks, by_instance=online)
-                test = score("test", args.eval_tasks, by_instance=online)
-                record = {"step": step, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
-                          "test_loss": test["loss"], "test_acc": test["acc"]}
-                scalars = {"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
-                           "test/loss": test["loss"], "test/acc": test["acc"],
-                           "train/steps_per_sec": timed_steps / max(train_seconds, 1e-9)}
-                if online:
-                    record.update(val_acc_by_instance=val["acc_by_instance"],
-                                  test_acc_by_instance=test["acc_by_instance"])
-                    scalars.update({f"test/acc_instance{i}": test["acc_by_instance"][i - 1]
-                                    for i in INSTANCES if i <= args.presentations})
+                record, scalars = validate(args, score, step, train_loss, timed_steps / max(train_seconds, 1e-9))
                 history.append(record)
                 logger.log(scalars, step)
-                logger.advance(step, loss=train_loss, val_acc=val["acc"])
-                run.save(step, {  # refuses non-finite weights: the last good checkpoint is never pushed out
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "train_tasks": samplers["train"].state_dict(), "val_tasks": samplers["val"].state_dict(),
-                    "test_tasks": samplers["test"].state_dict(), "rng": capture_rng_state(), "history": history,
-                }, keep_last=2)
+                logger.advance(step, loss=train_loss, val_acc=record["val_acc"])
+                # refuses non-finite weights: the last good checkpoint is never pushed out
+                run.save(step, checkpoint_state(model, optimizer, samplers, history), keep_last=2)
 
         final = score("final", args.num_test_tasks, by_instance=True)
         steps_per_sec = timed_steps / max(train_seconds, 1e-9)
