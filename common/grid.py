@@ -47,8 +47,9 @@ from common.readback import read_json
 from common.runlog import runs_root, write_json, write_text
 
 MainFunction = Callable[[list[str]], Any]
-# Flags that do not change what a run computes: a finished run is reused whatever their values.
-RUN_ONLY_FLAGS = ("--device", "--threads", "--data_dir")
+# The grid's flags (each with a value) that say where a run computes, not what: a finished configuration
+# is reused whatever their values. (common.cli.RUN_ONLY_FLAGS is the larger set a --resume may change.)
+MACHINE_FLAGS = ("--device", "--threads", "--data_dir")
 RECORD = "grid.json"  # in the grid's root: the flags each finished configuration ran with
 
 
@@ -108,12 +109,12 @@ def select(configs: Sequence[Config], only: Sequence[str] | None) -> list[Config
                                       for p in only)]
 
 
-def _without_run_only(argv: Sequence[str]) -> list[str]:
+def _without_machine_flags(argv: Sequence[str]) -> list[str]:
     kept, skip = [], False
     for token in argv:
         if skip:
             skip = False
-        elif token in RUN_ONLY_FLAGS:
+        elif token in MACHINE_FLAGS:
             skip = True
         else:
             kept.append(token)
@@ -159,7 +160,7 @@ def run_grid(configs: Sequence[Config], root: str | Path, run_flags: Sequence[st
         status = _status(config, root, resume)
         run_dir = root / config.run_folder
         argv = [*config.argv, *run_flags, "--log_dir", str(run_dir)] + (["--resume"] if status == "resume" else [])
-        flags = _without_run_only([*config.argv, *run_flags])
+        flags = _without_machine_flags([*config.argv, *run_flags])
         if dry_run:
             print(f"[{status}] {config.name}: python {config.script()} {' '.join(argv)}")
             continue
