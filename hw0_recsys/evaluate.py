@@ -11,8 +11,8 @@ import torch
 from common.checkpoint import atomic_save
 from hw0_recsys.data import Ratings, interaction_matrix
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
-from hw0_recsys.model import MultiTaskNet
-from hw0_recsys.time_models import TimeBaseline, TimeSVDPlusPlus
+from hw0_recsys.models import MultiTaskNet
+from hw0_recsys.svdpp import TimeBaseline, TimeSVDPlusPlus
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from hw0_recsys.data import Ratings
-from hw0_recsys.model import penalty_weights
+from hw0_recsys.svdpp import penalty_weights
 
 
 def fit_baseline(train: Ratings, num_users: int, num_items: int, user_reg: float, item_reg: float,

@@ -9,11 +9,11 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from hw0_recsys.autoencoders import KernelAutoRec, UserAutoRec
+from hw0_recsys.autoencoders import ItemAutoRec, KernelAutoRec, UserAutoRec
 from hw0_recsys.data import Ratings
-from hw0_recsys.model import ItemAutoRec, MultiTaskNet, SVDPlusPlus
+from hw0_recsys.models import MultiTaskNet
 from hw0_recsys.neighbourhood import ItemNeighbourhood
-from hw0_recsys.time_models import TimeBaseline, TimeSVDPlusPlus
+from hw0_recsys.svdpp import SVDPlusPlus, TimeBaseline, TimeSVDPlusPlus
 
 # Flags left unset take the default of the chosen model.
 MODEL_DEFAULTS = {

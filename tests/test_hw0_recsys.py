@@ -24,7 +24,7 @@ from common.errors import CS330Error
 from hw0_recsys import train as train_script
 from hw0_recsys.data import Ratings, holdout, load_split, read_ratings
 from hw0_recsys.metrics import mrr_score, rating_metrics, top_k_metrics
-from hw0_recsys.model import MultiTaskNet
+from hw0_recsys.models import MultiTaskNet
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "hw0_recsys" / "train.py"

@@ -7,7 +7,7 @@ import torch
 
 from common.errors import CS330Error
 from hw0_recsys.data import Ratings, holdout
-from hw0_recsys.time_models import TimeBaseline, TimeSVDPlusPlus
+from hw0_recsys.svdpp import TimeBaseline, TimeSVDPlusPlus
 
 NUM_USERS, NUM_ITEMS = 30, 40
 CENTER = 10_100  # every user's ratings are symmetric around CENTER + shift_u, so t_u is a whole day
