@@ -23,7 +23,7 @@ import torch
 from common.data import fetch
 from common.device import cpu_capability
 from common.omniglot import OMNIGLOT_ARCHIVES, EpisodeSampler, OmniglotStore, character_members, decode_image
-from hw1_mann.data import SequenceSampler
+from hw1_mann.data import CourseSampler
 
 
 def store_rate(sampler: EpisodeSampler, batch: int, seconds: float) -> float:
@@ -71,7 +71,7 @@ def main() -> None:
     samplers = {  # name -> (sampler, tasks per batch, classes per task, drawings per class)
         "hw2 episodes 5-way 1-shot 15-query, B=16": (EpisodeSampler(train, 5, 1, 15, "cpu", seed=0), 16, 5, 16),
         "hw2 episodes 20-way 5-shot 5-query, B=16": (EpisodeSampler(train, 20, 5, 5, "cpu", seed=0), 16, 20, 10),
-        "hw1 sequences 5-way 1-shot, B=128": (SequenceSampler(train, 5, 1, "cpu", seed=0), 128, 5, 2),
+        "hw1 sequences 5-way 1-shot, B=128": (CourseSampler(train, 5, 1, "cpu", seed=0), 128, 5, 2),
     }
     for name, (sampler, batch, num_way, per_class) in samplers.items():
         fast = store_rate(sampler, batch, args.seconds)

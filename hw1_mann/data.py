@@ -15,8 +15,10 @@ import torch
 from common.errors import CS330Error
 from common.omniglot import NUM_DRAWINGS, EpisodeSampler
 
+# --- the course's protocol (--protocol course): K support rows, then the query row -------------------
 
-class SequenceBatch(NamedTuple):
+
+class CourseBatch(NamedTuple):
     images: torch.Tensor  # [B, K+1, N, 784] float in [0, 1], strokes 1
     labels: torch.Tensor  # [B, K+1, N, N] one-hot float; row K is the (shuffled) query set
 
@@ -40,7 +42,7 @@ def check_task_shape(num_classes: int, num_shot: int, split_sizes: dict[str, int
             )
 
 
-class SequenceSampler:
+class CourseSampler:
     """Samples ``[B, K+1, N, 784]`` image / ``[B, K+1, N, N]`` label meta-batches from one split."""
 
     def __init__(self, split_images: torch.Tensor, num_classes: int, num_shot: int,
@@ -52,7 +54,7 @@ class SequenceSampler:
         # One-hot label of every position: class n sits at position n in each row before shuffling.
         self.eye = torch.eye(num_classes, device=self.device)  # [N, N]
 
-    def sample(self, batch_size: int) -> SequenceBatch:
+    def sample(self, batch_size: int) -> CourseBatch:
         n, k = self.num_classes, self.num_shot
         grid = self.episodes.sample_grid(batch_size)  # [B, N, K+1, 1, S, S]
         images = grid.flatten(3).transpose(1, 2)  # [B, K+1, N, S*S]
@@ -63,7 +65,7 @@ class SequenceSampler:
         query_labels = labels[:, -1].gather(1, order[..., None].expand(-1, -1, n))
         images = torch.cat([images[:, :-1], query_images[:, None]], dim=1).contiguous()
         labels = torch.cat([labels[:, :-1], query_labels[:, None]], dim=1).contiguous()
-        return SequenceBatch(images, labels)
+        return CourseBatch(images, labels)
 
     def state_dict(self) -> dict[str, Any]:
         return self.episodes.state_dict()
@@ -73,12 +75,14 @@ class SequenceSampler:
 
 
 # --- Santoro et al. (2016)'s protocol: one label per step, revealed at the next step ----------------
+# Each class is shown --presentations times per episode; its k-th showing is its instance k (the
+# paper's word, and the columns of its table 1: accuracy by instance).
 
 
-class OnlineBatch(NamedTuple):
+class SantoroBatch(NamedTuple):
     images: torch.Tensor  # [B, T, 784] float in [0, 1], T = N * presentations
     labels: torch.Tensor  # [B, T] class ids; the model sees labels[:, t-1] at step t
-    instance: torch.Tensor  # [B, T] 1-based: how many times the step's class has been shown so far
+    instance: torch.Tensor  # [B, T] the step's instance number: 1-based count of its class's showings so far
 
 
 def check_episode_shape(num_classes: int, presentations: int, split_sizes: dict[str, int] | None = None) -> None:
@@ -91,7 +95,7 @@ def check_episode_shape(num_classes: int, presentations: int, split_sizes: dict[
         )
 
 
-class OnlineSampler:
+class SantoroSampler:
     """Episodes of Santoro et al.: N random classes with random labels, each shown ``presentations``
     times (distinct drawings) in one random order of ``T = N * presentations`` steps.
 
@@ -107,7 +111,7 @@ class OnlineSampler:
         self.num_classes, self.presentations = num_classes, presentations
         self.device = torch.device(device)
 
-    def sample(self, batch_size: int) -> OnlineBatch:
+    def sample(self, batch_size: int) -> SantoroBatch:
         n, p = self.num_classes, self.presentations
         grid = self.episodes.sample_grid(batch_size)[:, :, :p]  # [B, N, P, 1, S, S] (drops the query drawing)
         images = grid.flatten(3).flatten(1, 2)  # [B, N*P, S*S]: class-major
@@ -116,7 +120,7 @@ class OnlineSampler:
         order = torch.rand(batch_size, n * p, generator=self.episodes.generator).argsort(dim=1).to(self.device)
         images = images.gather(1, order[..., None].expand(-1, -1, images.shape[-1]))
         labels = labels.gather(1, order)
-        return OnlineBatch(images.contiguous(), labels.contiguous(), count_presentations(labels, n))
+        return SantoroBatch(images.contiguous(), labels.contiguous(), instance_numbers(labels, n))
 
     def state_dict(self) -> dict[str, Any]:
         return self.episodes.state_dict()
@@ -125,12 +129,12 @@ class OnlineSampler:
         self.episodes.load_state_dict(state)
 
 
-def count_presentations(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def instance_numbers(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[B, T]`` labels -> ``[B, T]`` 1-based count of the step's label among steps ``0..t``."""
     one_hot = torch.nn.functional.one_hot(labels, num_classes)  # [B, T, N]
     return (one_hot.cumsum(dim=1) * one_hot).sum(-1)
 
 
 # Either protocol's sampler and meta-batch.
-TaskSampler = SequenceSampler | OnlineSampler
-TaskBatch = SequenceBatch | OnlineBatch
+TaskSampler = CourseSampler | SantoroSampler
+TaskBatch = CourseBatch | SantoroBatch

@@ -1,5 +1,5 @@
 """Accuracy over many tasks (with a 95% interval) and accuracy by instance number, for both layouts:
-the course's query row (``SequenceBatch``) and Santoro et al.'s every-step answers (``OnlineBatch``)."""
+the course's query row (``CourseBatch``) and Santoro et al.'s every-step answers (``SantoroBatch``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from common.stats import mean_ci95
-from hw1_mann.data import OnlineBatch, SequenceBatch, TaskBatch, TaskSampler
-from hw1_mann.models import online_loss, query_loss
+from hw1_mann.data import CourseBatch, SantoroBatch, TaskBatch, TaskSampler
+from hw1_mann.models import query_loss, santoro_loss
 
 
 def task_accuracies(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,13 +32,13 @@ def batch_scores(model: nn.Module, batch: TaskBatch,
     """
     size = batch.images.shape[0]
     logits = model(batch.images, batch.labels)
-    if isinstance(batch, OnlineBatch):
+    if isinstance(batch, SantoroBatch):
         correct = (logits.argmax(-1) == batch.labels).float()  # [B, T]
         by_row = None
         if by_instance:
             steps = torch.nn.functional.one_hot(batch.instance - 1).float()  # [B, T, I]
             by_row = ((correct[..., None] * steps).sum(1) / steps.sum(1)).sum(0)  # [I]
-        return correct.mean(1), online_loss(logits, batch.labels).item() * size, by_row
+        return correct.mean(1), santoro_loss(logits, batch.labels).item() * size, by_row
     by_row = None
     if by_instance:
         by_row = torch.stack([prefix_accuracy(model, batch, shots).sum() for shots in range(batch.images.shape[1])])
@@ -67,7 +67,7 @@ def evaluate(model: nn.Module, sampler: TaskSampler, num_tasks: int, batch_size:
     return result
 
 
-def prefix_accuracy(model: nn.Module, batch: SequenceBatch, shots: int) -> torch.Tensor:
+def prefix_accuracy(model: nn.Module, batch: CourseBatch, shots: int) -> torch.Tensor:
     """Per-task query accuracy ``[B]`` with only the first ``shots`` support rows in the sequence."""
     rows = list(range(shots)) + [batch.images.shape[1] - 1]
     images, labels = batch.images[:, rows], batch.labels[:, rows]  # [B, shots+1, N, ...]

@@ -6,7 +6,7 @@ the class of every step. Two layouts (:func:`step_inputs` tells them apart by th
 - the course's: N*(K+1) steps, the K support rows with their labels, then the query row with the
   labels zeroed; only the query predictions enter the loss (:func:`query_loss`);
 - Santoro et al.'s: T steps, each image with the label of the *previous* step, so every label is
-  revealed one step after its image; every prediction enters the loss (:func:`online_loss`).
+  revealed one step after its image; every prediction enters the loss (:func:`santoro_loss`).
 
 - :class:`LSTMMANN`: the course model, two stacked LSTMs (``hidden_dim``, then N outputs).
 - :class:`MemoryMANN`: the memory-augmented network of Santoro et al. 2016, "Meta-Learning with
@@ -58,7 +58,7 @@ def model_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return steps.reshape(batch, rows * n, image_dim + num_classes)
 
 
-def online_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def santoro_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[B, T, 784]`` images + ``[B, T]`` class ids -> ``[B, T, 784+N]`` step inputs in which step t
     carries the one-hot label of step t-1 (zeros at t = 0): the model answers before it is told."""
     if images.dim() != 3 or labels.shape != images.shape[:2]:
@@ -77,7 +77,7 @@ def step_inputs(images: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     """The ``[B, T, 784+N]`` steps of either layout: one-hot ``[B, K+1, N, N]`` labels are the course's,
     ``[B, T]`` class ids Santoro et al.'s."""
     if labels.dim() == 2:
-        return online_inputs(images, labels, num_classes)
+        return santoro_inputs(images, labels, num_classes)
     return model_inputs(images, labels, num_classes)
 
 
@@ -87,14 +87,14 @@ def query_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, -1].reshape(-1, n), labels[:, -1].argmax(-1).reshape(-1))
 
 
-def online_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def santoro_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every step: logits ``[B, T, N]``, class ids ``[B, T]``."""
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss of the layout (see :func:`step_inputs`): a mean over tasks either way."""
-    return online_loss(logits, labels) if labels.dim() == 2 else query_loss(logits, labels)
+    return santoro_loss(logits, labels) if labels.dim() == 2 else query_loss(logits, labels)
 
 
 def _as_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ by instance number) and everything goes to ``results.json`` in the run folder.
 
 ``--protocol santoro`` trains on Santoro et al. (2016)'s episodes instead of the course's K-shot
 sequences: N classes with random labels, each shown ``--presentations`` times in one random order,
-every image with the label of the step before, and a loss on every step (``hw1_mann.data.OnlineSampler``);
+every image with the label of the step before, and a loss on every step (``hw1_mann.data.SantoroSampler``);
 accuracy by instance is then the accuracy on a class's 1st, 2nd, ... presentation within the episode.
 
 The run folder follows ``common.run.RunFolder``: one run at a time per folder, ``--resume`` only
@@ -56,7 +56,7 @@ from common.run import RunFolder
 from common.runlog import build_run_name, runs_root
 from common.seeding import seed_everything
 from common.stats import mean_ci95
-from hw1_mann.data import OnlineSampler, SequenceSampler, TaskBatch, TaskSampler, check_episode_shape, check_task_shape
+from hw1_mann.data import CourseSampler, SantoroSampler, TaskBatch, TaskSampler, check_episode_shape, check_task_shape
 from hw1_mann.evaluate import batch_scores, batch_sizes, evaluate
 from hw1_mann.models import build_model, sequence_loss
 
@@ -162,8 +162,8 @@ def make_sampler(args: argparse.Namespace, split_images: torch.Tensor, device: t
                  seed: int) -> TaskSampler:
     """The task sampler of ``--protocol`` on one split."""
     if args.protocol == "santoro":
-        return OnlineSampler(split_images, args.num_classes, args.presentations, device, seed)
-    return SequenceSampler(split_images, args.num_classes, args.num_shot, device, seed)
+        return SantoroSampler(split_images, args.num_classes, args.presentations, device, seed)
+    return CourseSampler(split_images, args.num_classes, args.num_shot, device, seed)
 
 
 @cli_main
@@ -307,7 +307,7 @@ def train_step(args: argparse.Namespace, model: nn.Module, optimizer: torch.opti
                run: RunFolder | distributed.FollowerRun, world: distributed.World, step: int, precision: str) -> float:
     """One meta-batch; returns its loss (the whole meta-batch's, on every rank)."""
     # Every rank draws the whole meta-batch (so the sampler state is the same everywhere), keeps its share.
-    batch = sampler.sample(args.meta_batch_size)  # SequenceBatch or OnlineBatch, [B, ...]
+    batch = sampler.sample(args.meta_batch_size)  # CourseBatch or SantoroBatch, [B, ...]
     batch = my_tasks(batch, world)  # [B/N, ...] under torchrun
     with autocast(world.device, precision):
         loss = sequence_loss(model(batch.images, batch.labels), batch.labels)
@@ -329,14 +329,14 @@ Score = Callable[..., dict[str, Any]]  # (sampler name, number of tasks, by_inst
 def validate(args: argparse.Namespace, score: Score, step: int, train_loss: float,
              steps_per_sec: float) -> tuple[dict[str, Any], dict[str, float]]:
     """The periodic scores of a meta-batch of val and of test tasks: (history record, TensorBoard scalars)."""
-    online = args.protocol == "santoro"  # Santoro et al.'s curve is by instance, and there it costs no extra forward
-    val = score("val", args.eval_tasks, by_instance=online)
-    test = score("test", args.eval_tasks, by_instance=online)
+    santoro = args.protocol == "santoro"  # Santoro et al.'s curve is by instance, and there it costs no extra forward
+    val = score("val", args.eval_tasks, by_instance=santoro)
+    test = score("test", args.eval_tasks, by_instance=santoro)
     record = {"step": step, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
               "test_loss": test["loss"], "test_acc": test["acc"]}
     scalars = {"train/loss": train_loss, "val/loss": val["loss"], "val/acc": val["acc"],
                "test/loss": test["loss"], "test/acc": test["acc"], "train/steps_per_sec": steps_per_sec}
-    if online:
+    if santoro:
         record.update(val_acc_by_instance=val["acc_by_instance"], test_acc_by_instance=test["acc_by_instance"])
         scalars.update({f"test/acc_instance{i}": test["acc_by_instance"][i - 1]
                         for i in INSTANCES if i <= args.presentations})

@@ -17,7 +17,7 @@ import torch
 
 from common.errors import CS330Error
 from hw1_mann import train as train_script
-from hw1_mann.data import SequenceSampler, check_task_shape
+from hw1_mann.data import CourseSampler, check_task_shape
 from hw1_mann.models import LSTMMANN, MemoryMANN, query_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def _fake_batch(batch: int = 3, shots: int = 2, ways: int = 4, seed: int = 0):
 # ---------------------------------------------------------------------------------------- data and models
 def test_sequence_batch_shapes_and_labels(omniglot_store):
     train_split = omniglot_store.split("train")
-    sampler = SequenceSampler(train_split, num_classes=3, num_shot=2, seed=5)
+    sampler = CourseSampler(train_split, num_classes=3, num_shot=2, seed=5)
     images, labels = sampler.sample(6)
     assert images.shape == (6, 3, 3, 784) and labels.shape == (6, 3, 3, 3)
     assert 0.0 <= images.min() and images.max() <= 1.0
@@ -64,7 +64,7 @@ def test_sequence_batch_shapes_and_labels(omniglot_store):
     assert torch.equal(labels[:, :2], eye.expand(6, 2, 3, 3))  # support rows: class n at position n
     assert torch.equal(labels[:, 2].sum(1), torch.ones(6, 3))  # query row: every class exactly once
     assert not all(torch.equal(labels[b, 2], eye) for b in range(6))  # ... in a shuffled order
-    again = SequenceSampler(train_split, num_classes=3, num_shot=2, seed=5).sample(6)
+    again = CourseSampler(train_split, num_classes=3, num_shot=2, seed=5).sample(6)
     assert torch.equal(again.images, images) and torch.equal(again.labels, labels)  # seeded
 
 
@@ -74,7 +74,7 @@ def test_impossible_task_shapes_are_refused(omniglot_store):
     with pytest.raises(CS330Error, match="at least 2"):
         check_task_shape(1, 1)
     with pytest.raises(CS330Error, match="larger than"):
-        SequenceSampler(omniglot_store.split("train")[:10], num_classes=11, num_shot=1)
+        CourseSampler(omniglot_store.split("train")[:10], num_classes=11, num_shot=1)
 
 
 @pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN])

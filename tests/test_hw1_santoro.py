@@ -11,9 +11,9 @@ from torch import nn
 
 from common.errors import CS330Error
 from hw1_mann import train as train_script
-from hw1_mann.data import OnlineBatch, OnlineSampler, count_presentations
+from hw1_mann.data import SantoroBatch, SantoroSampler, instance_numbers
 from hw1_mann.evaluate import batch_scores, evaluate
-from hw1_mann.models import LSTMMANN, MemoryMANN, online_inputs, online_loss, sequence_loss
+from hw1_mann.models import LSTMMANN, MemoryMANN, santoro_inputs, santoro_loss, sequence_loss
 
 # 3 classes x 4 presentations = 12-step episodes, 4 episodes per step, 2 steps.
 TINY = ["--protocol", "santoro", "--num_classes", "3", "--presentations", "4", "--meta_batch_size", "4",
@@ -22,7 +22,7 @@ TINY = ["--protocol", "santoro", "--num_classes", "3", "--presentations", "4", "
 
 def test_episodes_show_every_class_equally_often_in_a_seeded_random_order(omniglot_store):
     split = omniglot_store.split("train")
-    batch = OnlineSampler(split, num_classes=3, presentations=4, seed=7).sample(5)
+    batch = SantoroSampler(split, num_classes=3, presentations=4, seed=7).sample(5)
     assert batch.images.shape == (5, 12, 784) and batch.labels.shape == (5, 12) and batch.instance.shape == (5, 12)
     assert torch.equal(torch.nn.functional.one_hot(batch.labels, 3).sum(1), torch.full((5, 3), 4))
     assert len({tuple(row.tolist()) for row in batch.labels}) > 1  # each episode its own order
@@ -32,32 +32,32 @@ def test_episodes_show_every_class_equally_often_in_a_seeded_random_order(omnigl
             assert batch.instance[b, steps].tolist() == [1, 2, 3, 4]  # 1st..4th presentation, in order
             drawings = batch.images[b, steps]  # [4, 784]: four different drawings of the character
             assert all(not torch.equal(drawings[i], drawings[j]) for i in range(4) for j in range(i + 1, 4))
-    again = OnlineSampler(split, num_classes=3, presentations=4, seed=7).sample(5)
+    again = SantoroSampler(split, num_classes=3, presentations=4, seed=7).sample(5)
     assert all(torch.equal(x, y) for x, y in zip(batch, again))
 
 
 def test_presentation_counts():
     labels = torch.tensor([[2, 0, 2, 2, 0, 1]])
-    assert count_presentations(labels, 3).tolist() == [[1, 1, 2, 3, 2, 1]]
+    assert instance_numbers(labels, 3).tolist() == [[1, 1, 2, 3, 2, 1]]
 
 
 def test_impossible_episodes_are_refused(omniglot_store):
     with pytest.raises(CS330Error, match="--presentations 21"):
-        OnlineSampler(omniglot_store.split("train"), num_classes=5, presentations=21)
+        SantoroSampler(omniglot_store.split("train"), num_classes=5, presentations=21)
     with pytest.raises(CS330Error, match="at least 2"):
-        OnlineSampler(omniglot_store.split("train"), num_classes=1, presentations=10)
+        SantoroSampler(omniglot_store.split("train"), num_classes=1, presentations=10)
 
 
 def test_each_label_arrives_one_step_after_its_image():
     images, labels = torch.rand(2, 5, 784), torch.tensor([[0, 2, 1, 1, 0], [1, 1, 0, 2, 2]])
-    steps = online_inputs(images, labels, 3)  # [2, 5, 787]
+    steps = santoro_inputs(images, labels, 3)  # [2, 5, 787]
     assert torch.equal(steps[..., :784], images)
     assert torch.equal(steps[:, 0, 784:], torch.zeros(2, 3))
     assert torch.equal(steps[:, 1:, 784:], torch.nn.functional.one_hot(labels[:, :-1], 3).float())
     with pytest.raises(CS330Error, match="3-way"):
-        online_inputs(images, labels + 1, 3)
+        santoro_inputs(images, labels + 1, 3)
     with pytest.raises(CS330Error, match=r"labels \[B, T\]"):
-        online_inputs(images, labels[:, :4], 3)
+        santoro_inputs(images, labels[:, :4], 3)
 
 
 @pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN])
@@ -73,23 +73,23 @@ def test_a_prediction_never_sees_its_own_label(model_cls):
     assert torch.equal(changed[:, :5], logits[:, :5])
     assert not torch.equal(changed[:, 5:], logits[:, 5:])
     # Every step is in the loss, the first one included.
-    assert sequence_loss(logits, labels) == online_loss(logits, labels)
+    assert sequence_loss(logits, labels) == santoro_loss(logits, labels)
     first_changed = logits.detach().clone()
     first_changed[:, 0] += torch.tensor([5.0, 0.0, 0.0])
-    assert online_loss(first_changed, labels) != online_loss(logits, labels)
+    assert santoro_loss(first_changed, labels) != santoro_loss(logits, labels)
 
 
 class WrongOnFirstSight(nn.Module):
     """Answers every step right except a class's first presentation, where it answers the next class."""
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        first = count_presentations(labels, 3) == 1
+        first = instance_numbers(labels, 3) == 1
         answer = torch.where(first, (labels + 1) % 3, labels)
         return torch.nn.functional.one_hot(answer, 3).float()
 
 
 def test_accuracy_by_instance_groups_the_steps_of_one_forward(omniglot_store):
-    sampler = OnlineSampler(omniglot_store.split("val"), num_classes=3, presentations=4, seed=1)
+    sampler = SantoroSampler(omniglot_store.split("val"), num_classes=3, presentations=4, seed=1)
     batch = sampler.sample(6)
     accuracies, loss_sum, by_instance = batch_scores(WrongOnFirstSight(), batch, by_instance=True)
     assert torch.allclose(accuracies, torch.full((6,), 9 / 12))  # 3 of 12 steps are first presentations
@@ -97,7 +97,7 @@ def test_accuracy_by_instance_groups_the_steps_of_one_forward(omniglot_store):
     assert loss_sum > 0
     result = evaluate(WrongOnFirstSight(), sampler, num_tasks=10, batch_size=4, by_instance=True)
     assert result["acc_by_instance"] == [0.0, 1.0, 1.0, 1.0] and result["acc"] == pytest.approx(0.75)
-    assert isinstance(batch, OnlineBatch)
+    assert isinstance(batch, SantoroBatch)
 
 
 def test_train_script_runs_the_protocol_and_names_it(omniglot_data_dir, tmp_path, monkeypatch):
