@@ -49,8 +49,8 @@ from common.cli import positive_int  # noqa: E402
 from common.errors import CS330Error, cli_main  # noqa: E402
 from common.grid import Config, grid_parser, lookup, run_experiments  # noqa: E402
 from common.runlog import write_json  # noqa: E402
-from hw3_lm_fewshot.cli import print_table, summarize  # noqa: E402
 from hw3_lm_fewshot.metrics import TASK_METRIC  # noqa: E402
+from hw3_lm_fewshot.results import print_table, summarize  # noqa: E402
 
 HOMEWORK = "hw3_lm_fewshot"
 PARTS = ("amazon_ft", "amazon_icl", "babi_icl", "babi_order", "babi_ft", "xsum_icl", "xsum_ft", "bf16",

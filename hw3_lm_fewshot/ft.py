@@ -34,6 +34,9 @@ import argparse
 import math
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,15 +54,21 @@ from hw3_lm_fewshot.cli import (
     FP32_BECAUSE,
     add_common_args,
     exits_on_interrupt,
-    finish_runs,
-    load_model,
     parse_k_list,
+    result_size_parts,
     run_dir_for,
 )
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import encode_prompt, generate_answers, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import ModelSpec, count_parameters, model_skeleton, resolve_model, transformer_blocks
+from hw3_lm_fewshot.models import (
+    ModelSpec,
+    count_parameters,
+    load_model,
+    model_skeleton,
+    resolve_model,
+    transformer_blocks,
+)
 from hw3_lm_fewshot.prompts import (
     DEFAULT_PROMPT,
     MAX_NEW_TOKENS,
@@ -68,6 +77,7 @@ from hw3_lm_fewshot.prompts import (
     build_prompt,
     check_queries_fit,
 )
+from hw3_lm_fewshot.results import finish_runs
 
 MODE_HELP = "all, first, last, middle, loraN (N = LoRA rank, e.g. lora4, lora16)"
 _MODE = re.compile(r"^(all|first|last|middle)$|^lora([1-9]\d*)$")
@@ -223,85 +233,111 @@ def check_finite_loss(value: float, step: int, k: int, mode: str, seed: int, lr:
 
 
 # ---------------------------------------------------------------------------- one run
-def run_ft(spec, task: TaskData, k: int, mode: str, seed: int, args: argparse.Namespace,
+@dataclass
+class Training:
+    """What fine-tuning on one support set did: its steps, the last support accuracy checked, the
+    training tokens this rank read (padding excluded) and the seconds of the loop."""
+
+    steps: int = 0
+    support_acc: float = float("nan")
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def batch_maker(tokenizer, task: str, args: argparse.Namespace,
+                device: torch.device) -> Callable[[list[Example]], dict[str, torch.Tensor]]:
+    """Examples -> a batch on ``device``: a classification batch (amazon) or prompt + answer ids."""
+    if task == "amazon":
+        return lambda examples: classification_batch(tokenizer, examples, args.max_length, device)
+    return lambda examples: lm_batch(tokenizer, task, args.prompt_format, examples, args.max_length, device)
+
+
+def train_on_support(model: nn.Module, make_batch, support: list[Example], k: int, seed: int,
+                     args: argparse.Namespace, precision: str, classifier: bool, logger: RunLogger | None,
+                     world: distributed.World) -> Training:
+    """AdamW on shuffled batches of ``support`` until ``--max_steps`` or until the support accuracy,
+    checked every ``--eval_every`` steps from ``--min_steps`` on, reaches ``--early_stop_acc``."""
+    start, steps, support_acc, tokens = time.time(), 0, float("nan"), 0
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable_params, lr=args.lr)
+    rng = np.random.default_rng(seed)
+    check_batch = make_batch([support[i] for i in rng.permutation(len(support))[:32]])
+    order: list[int] = []
+    model.train()
+    for steps in range(1, args.max_steps + 1):
+        if len(order) < args.batch_size:  # reshuffle once the epoch runs out
+            order += rng.permutation(len(support)).tolist()
+        batch_ids, order = order[:args.batch_size], order[args.batch_size:]
+        my_ids = batch_ids[distributed.shard(0, args.batch_size, world)]  # all of them for one process
+        batch = make_batch([support[i] for i in my_ids])
+        tokens += int(batch["attention_mask"].sum())
+        with autocast(world.device, precision):
+            loss = batch_loss(model, batch, classifier, world)
+        loss_value = distributed.mean_over_ranks({"loss": loss}, world)["loss"]  # the whole batch's loss
+        check_finite_loss(loss_value, steps, k, args.mode, seed, args.lr, world)  # before the update it would poison
+        loss.backward()
+        distributed.average_gradients(trainable_params, world)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if logger is not None:
+            logger.log({f"train/loss_k{k}_{args.mode}_s{seed}": loss_value}, steps)
+        if steps % args.eval_every == 0 or steps == args.max_steps:
+            # every rank checks the same examples with the same weights, so all stop at the same step
+            support_acc = support_accuracy(model, check_batch, classifier, precision)
+            if steps >= args.min_steps and support_acc >= args.early_stop_acc:
+                break
+    return Training(steps, support_acc, tokens, time.time() - start)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, tokenizer, task: TaskData, make_batch, args: argparse.Namespace, precision: str,
+            world: distributed.World) -> list:
+    """The predictions for the whole evaluation set, in its order (each rank scores its share)."""
+    model.eval()
+    my_eval = task.eval[eval_share(len(task.eval), world)]
+    with autocast(world.device, precision):
+        if task.name == "amazon":
+            predictions = []
+            for i in range(0, len(my_eval), args.batch_size):
+                predictions += model(**make_batch(my_eval[i:i + args.batch_size])).logits.argmax(-1).tolist()
+        else:
+            max_new = MAX_NEW_TOKENS[task.name]
+            queries = [encode_prompt(tokenizer, model, build_prompt(task.name, args.prompt_format, [], ex.x),
+                                     max_new, args.max_context) for ex in my_eval]
+            predictions = generate_answers(model, tokenizer, queries, max_new, args.batch_size)
+    return distributed.gather_lists(predictions, world)  # rank order is evaluation-set order
+
+
+def run_ft(spec: ModelSpec, task: TaskData, k: int, seed: int, args: argparse.Namespace,
            logger: RunLogger | None = None, world: distributed.World | None = None) -> dict:
-    """Fine-tune a fresh copy of the model on k support examples, then score it on the evaluation set.
+    """Fine-tune a fresh copy of the model (``--mode``) on k support examples, then score it on the
+    evaluation set. ``args`` comes from :func:`parse_args`.
 
     Under torchrun (``world``) each rank trains on its share of every batch and scores its share of
     the evaluation set; every rank returns the same result.
     """
     start = time.time()
     world = world or distributed.World(device=resolve_device(args.device))
-    device = world.device
-    reset_peak_memory(device)
-    precision, _ = resolve_precision(args.precision, device, fp32_because=FP32_BECAUSE)  # main prints why
+    reset_peak_memory(world.device)
+    precision, _ = resolve_precision(args.precision, world.device, fp32_because=FP32_BECAUSE)  # main prints why
     classifier = task.name == "amazon"
     support = sample_support(task, k, seed)
     seed_everything(seed)  # the fresh head and the batch order depend on it
     model, tokenizer = load_model(spec, classifier, NUM_AMAZON_CLASSES)
-    model = apply_mode(model, mode, classifier).to(device)
+    model = apply_mode(model, args.mode, classifier).to(world.device)
     trainable, total = count_parameters(model)
-    prompt = args.prompt or DEFAULT_PROMPT.get(task.name, "none")
-
-    def make_batch(examples: list[Example]) -> dict[str, torch.Tensor]:
-        if classifier:
-            return classification_batch(tokenizer, examples, args.max_length, device)
-        return lm_batch(tokenizer, task.name, prompt, examples, args.max_length, device)
-
-    steps, train_acc, train_tokens, train_start = 0, float("nan"), 0, time.time()
-    if support:  # k = 0: the pre-trained model as it is
-        lr = args.lr or (1e-3 if mode.startswith("lora") else 1e-4)
-        trainable_params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable_params, lr=lr)
-        rng = np.random.default_rng(seed)
-        check_batch = make_batch([support[i] for i in rng.permutation(len(support))[:32]])
-        order: list[int] = []
-        model.train()
-        for steps in range(1, args.max_steps + 1):
-            if len(order) < args.batch_size:  # reshuffle once the epoch runs out
-                order += rng.permutation(len(support)).tolist()
-            batch_ids, order = order[:args.batch_size], order[args.batch_size:]
-            my_ids = batch_ids[distributed.shard(0, args.batch_size, world)]  # all of them for one process
-            batch = make_batch([support[i] for i in my_ids])
-            train_tokens += int(batch["attention_mask"].sum())  # this rank's share, padding excluded
-            with autocast(device, precision):
-                loss = batch_loss(model, batch, classifier, world)
-            loss_value = distributed.mean_over_ranks({"loss": loss}, world)["loss"]  # the whole batch's loss
-            check_finite_loss(loss_value, steps, k, mode, seed, lr, world)  # before the update it would poison
-            loss.backward()
-            distributed.average_gradients(trainable_params, world)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if logger is not None:
-                logger.log({f"train/loss_k{k}_{mode}_s{seed}": loss_value}, steps)
-            if steps % args.eval_every == 0 or steps == args.max_steps:
-                # every rank checks the same examples with the same weights, so all stop at the same step
-                train_acc = support_accuracy(model, check_batch, classifier, precision)
-                if steps >= args.min_steps and train_acc >= args.early_stop_acc:
-                    break
-
-    train_seconds = time.time() - train_start  # the loop only, without loading the model
-    model.eval()
+    make_batch = batch_maker(tokenizer, task.name, args, world.device)
+    training = (train_on_support(model, make_batch, support, k, seed, args, precision, classifier, logger, world)
+                if support else Training())  # k = 0: the pre-trained model as it is
+    predictions = predict(model, tokenizer, task, make_batch, args, precision, world)
     references = [ex.y for ex in task.eval]
-    my_eval = task.eval[eval_share(len(task.eval), world)]
-    with torch.inference_mode(), autocast(device, precision):
-        if classifier:
-            predictions = []
-            for i in range(0, len(my_eval), args.batch_size):
-                batch = make_batch(my_eval[i:i + args.batch_size])
-                predictions += model(**batch).logits.argmax(-1).tolist()
-        else:
-            queries = [encode_prompt(tokenizer, model, build_prompt(task.name, prompt, [], ex.x),
-                                     MAX_NEW_TOKENS[task.name], args.max_context) for ex in my_eval]
-            predictions = generate_answers(model, tokenizer, queries, MAX_NEW_TOKENS[task.name], args.batch_size)
-    predictions = distributed.gather_lists(predictions, world)  # rank order is evaluation-set order
     return {
-        "method": "ft", "mode": mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
+        "method": "ft", "mode": args.mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
         "score": score(task.name, predictions, references), "trainable_params": trainable, "total_params": total,
-        "steps": steps, "support_acc": train_acc, "seconds": time.time() - start,
-        "train_seconds": train_seconds,
-        "train_tokens_per_s": train_tokens * world.world_size / max(train_seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(device),
+        "steps": training.steps, "support_acc": training.support_acc, "seconds": time.time() - start,
+        "train_seconds": training.seconds,
+        "train_tokens_per_s": training.tokens * world.world_size / max(training.seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(world.device),
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
     }
 
@@ -312,14 +348,16 @@ def eval_share(num_examples: int, world: distributed.World) -> slice:
     return slice(int(bounds[world.rank]), int(bounds[world.rank + 1]))
 
 
+# ---------------------------------------------------------------------------- flags and main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--k", type=parse_k_list, default=[1, 8, 128],
                         help="support sizes, comma-separated (amazon: per class) (default: 1,8,128)")
     parser.add_argument("--mode", default="all", help=f"what to train: {MODE_HELP} (default: all)")
-    parser.add_argument("--prompt", default=None, choices=PROMPTS,
-                        help="text format for causal LMs (default: qa for babi, tldr for xsum)")
+    parser.add_argument("--prompt_format", default=None, choices=PROMPTS,
+                        help="the one text format causal LMs are trained and scored in (icl.py's --prompt "
+                             "takes a list of them) (default: qa for babi, tldr for xsum)")
     parser.add_argument("--lr", type=learning_rate, default=None,
                         help="learning rate (default: 1e-4, or 1e-3 for LoRA)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="examples per step (default: 8)")
@@ -332,46 +370,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--early_stop_acc", type=unit_interval, default=0.75,
                         help="stop once the support accuracy reaches this (default: 0.75)")
     parser.add_argument("--max_length", type=positive_int, default=256,
-                        help="token limit per training example (amazon inputs: 100 as in the course) (default: 256)")
+                        help="token limit per training example; amazon inputs are cut at 100 tokens at most, as "
+                             "in the course (default: 256)")
     return parser
 
 
-def load_inputs(args: argparse.Namespace, model_name: str) -> tuple[ModelSpec, TaskData]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with every default that depends on another flag resolved here (and nowhere later)."""
+    args = build_parser().parse_args(argv)
+    kind, _ = parse_mode(args.mode)
+    amazon = args.dataset == "amazon"
+    args.model = args.model or ("minilm" if amazon else "smollm2")
+    args.lr = args.lr or (1e-3 if kind == "lora" else 1e-4)
+    args.max_length = min(args.max_length, 100) if amazon else args.max_length
+    args.prompt_format = args.prompt_format or DEFAULT_PROMPT.get(args.dataset, "none")
+    return args
+
+
+def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
+    """Every flag that changes the result (all but common.cli.RUN_ONLY_FLAGS: device, threads and
+    folders), the resolved precision included (resolved here when not given)."""
+    if precision is None:
+        precision = resolve_precision(args.precision, resolve_device(args.device), FP32_BECAUSE)[0]
+    parts = {"model": args.model, "data": args.dataset, "mode": args.mode, "k": "-".join(map(str, args.k)),
+             "lr": args.lr, "bs": args.batch_size, "steps": args.max_steps, "every": args.eval_every,
+             "min": args.min_steps, "stop": args.early_stop_acc, "len": args.max_length}
+    if args.dataset != "amazon":  # the classifier reads no prompt format
+        parts["prompt"] = args.prompt_format
+    return build_run_name("ft", {**parts, **result_size_parts(args), "prec": precision, "seed": args.seed})
+
+
+def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
+    return run_dir_for(args, run_name(args, precision))
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[ModelSpec, TaskData]:
     """The model spec and the task data, with every support size and the model load checked."""
-    spec = resolve_model(model_name, args.data_dir)
+    spec = resolve_model(args.model, args.data_dir)
     task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     for k in args.k:
         sample_support(task, k, args.seed)
     check_mode_fits(model_skeleton(spec, args.dataset == "amazon"), args.mode)  # the config alone, no weights
     model, tokenizer = load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy
     if args.dataset != "amazon":  # the evaluation generates after each bare query
-        check_queries_fit(tokenizer, model, task, args.prompt or DEFAULT_PROMPT[args.dataset], args.max_context)
+        check_queries_fit(tokenizer, model, task, args.prompt_format, args.max_context)
     return spec, task
 
 
 @cli_main
 @exits_on_interrupt
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = build_parser().parse_args(argv)
-    parse_mode(args.mode)
-    device, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    args = parse_args(argv)
+    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
     world = distributed.init_from_env(device)  # one process: nothing happens
     distributed.check_batch_split(args.batch_size, world)
-    model_name = args.model or ("minilm" if args.dataset == "amazon" else "smollm2")
-    if args.dataset == "amazon":
-        args.max_length = min(args.max_length, 100)
     # everything that can fail before training fails here, before a run folder exists (rank 0 says
     # why; the other ranks then leave quietly, else they repeat it)
-    spec, task = distributed.run_on_main(lambda: load_inputs(args, model_name), world) or load_inputs(args, model_name)
-    run_name = build_run_name("ft", {"model": model_name, "data": args.dataset, "mode": args.mode,
-                                     "k": "-".join(map(str, args.k)), "prec": args.precision, "seed": args.seed})
-    run_dir = run_dir_for(args, run_name)
+    spec, task = distributed.run_on_main(lambda: load_inputs(args), world) or load_inputs(args)
+    run_dir = run_folder(args, precision)
     results = []
-    run = distributed.run_on_main(lambda: RunFolder.open(run_dir, vars(args)), world) or distributed.FollowerRun()
+    hparams = {**vars(args), "precision": precision}
+    run = distributed.run_on_main(lambda: RunFolder.open(run_dir, hparams), world) or distributed.FollowerRun()
     with run, run.logger(total_steps=len(args.k) * args.repeats, desc="ft") as logger:
         for k in args.k:
             for repeat in range(args.repeats):
-                results.append(run_ft(spec, task, k, args.mode, args.seed + repeat, args, logger, world))
+                results.append(run_ft(spec, task, k, args.seed + repeat, args, logger, world))
                 logger.advance(len(results), score=results[-1]["score"])
         if world.is_main:
             finish_runs(logger, results, task, run_dir)

@@ -24,11 +24,12 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 # isort: split
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from common.cli import positive_int
-from common.device import autocast, setup_compute
+from common.device import autocast, resolve_device, resolve_precision, setup_compute
 from common.errors import CS330Error, cli_main
 from common.memory import peak_memory_mb, reset_peak_memory
 from common.run import RunFolder
@@ -38,15 +39,14 @@ from hw3_lm_fewshot.cli import (
     FP32_BECAUSE,
     add_common_args,
     exits_on_interrupt,
-    finish_runs,
-    load_model,
     parse_k_list,
+    result_size_parts,
     run_dir_for,
 )
 from hw3_lm_fewshot.data import TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_answers, next_token_logits, prefix_cache
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import model_skeleton, resolve_model
+from hw3_lm_fewshot.models import load_model, model_skeleton, resolve_model
 from hw3_lm_fewshot.prompts import (
     MAX_NEW_TOKENS,
     PROMPTS,
@@ -60,6 +60,7 @@ from hw3_lm_fewshot.prompts import (
     query_ids,
     task_labels,
 )
+from hw3_lm_fewshot.results import finish_runs
 
 CONTENT_FREE = "N/A"  # Zhao et al. 2021's content-free input
 
@@ -164,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(dataset="babi")
     parser.add_argument("--k", type=parse_k_list, default=[0, 1, 4],
                         help="in-context examples per query, comma-separated (default: 0,1,4)")
-    parser.add_argument("--prompt", default="qa",
-                        help=f"prompt formats, comma-separated, from {', '.join(PROMPTS)} (default: qa; "
-                             "amazon has only qa)")
+    parser.add_argument("--prompt", type=prompt_list, default=["qa"],
+                        help=f"prompt formats, comma-separated (the course's), from {', '.join(PROMPTS)} "
+                             "(default: qa; amazon has only qa)")
     parser.add_argument("--support", default="per_query", choices=("per_query", "fixed"),
                         help="per_query: a fresh support draw for every question (the course); fixed: one "
                              "support set per seed, shared by every question and read once (KV cache), "
@@ -184,20 +185,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@cli_main
-@exits_on_interrupt
-def main(argv: list[str] | None = None) -> list[dict]:
+def prompt_list(text: str) -> list[str]:
+    """``--prompt qa,tldr`` -> ``["qa", "tldr"]``, each a known format."""
+    try:
+        return [check_prompt(part.strip()) for part in text.split(",")]
+    except CS330Error as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked against each other; the default model is resolved here (and nothing later)."""
     args = build_parser().parse_args(argv)
-    prompts = [check_prompt(p.strip()) for p in args.prompt.split(",")]
-    for prompt in prompts:
+    for prompt in args.prompt:
         check_icl_task(args.dataset, prompt)
     if args.orderings > 1 and args.support != "fixed":
         raise CS330Error("--orderings permutes a fixed support set: add --support fixed")
     if args.calibrate:
         check_calibrate(args.dataset, args.support == "fixed")
-    device, args.precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
+    args.model = args.model or "smollm2"
+    return args
+
+
+def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
+    """Every flag that changes the result (all but common.cli.RUN_ONLY_FLAGS and ``--batch_size``,
+    whose batches give the answers of one query at a time), the resolved precision included
+    (resolved here when not given)."""
+    if precision is None:
+        precision = resolve_precision(args.precision, resolve_device(args.device), FP32_BECAUSE)[0]
+    parts = {"model": args.model, "data": args.dataset, "prompt": "-".join(args.prompt),
+             "k": "-".join(map(str, args.k)), "support": args.support, "orders": args.orderings}
+    return build_run_name("icl", {**parts, **result_size_parts(args), "prec": precision, "seed": args.seed}
+                          | ({"calib": 1} if args.calibrate else {}))
+
+
+def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
+    return run_dir_for(args, run_name(args, precision))
+
+
+@cli_main
+@exits_on_interrupt
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
     # everything that can fail before the evaluation fails here, before a run folder exists
-    spec = resolve_model(args.model or "smollm2", args.data_dir)
+    spec = resolve_model(args.model, args.data_dir)
     task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     for k in args.k:
         sample_support(task, k, args.seed)
@@ -205,22 +236,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     seed_everything(args.seed)
     model, tokenizer = load_model(spec, classifier=False)
     model.to(device).eval()
-    for prompt in prompts:
+    for prompt in args.prompt:
         check_queries_fit(tokenizer, model, task, prompt, args.max_context)
-    run_name = build_run_name("icl", {"model": spec.name, "data": args.dataset, "prompt": "-".join(prompts),
-                                      "k": "-".join(map(str, args.k)), "support": args.support, "prec": args.precision,
-                                      "seed": args.seed} | ({"calib": 1} if args.calibrate else {}))
-    run_dir = run_dir_for(args, run_name)
+    run_dir = run_folder(args, precision)
     results = []
-    total = len(args.k) * len(prompts) * args.repeats * args.orderings
-    with RunFolder.open(run_dir, vars(args)) as run, run.logger(total_steps=total, desc="icl") as logger, \
-            torch.inference_mode():
-        for prompt in prompts:
+    total = len(args.k) * len(args.prompt) * args.repeats * args.orderings
+    with RunFolder.open(run_dir, {**vars(args), "precision": precision}) as run, \
+            run.logger(total_steps=total, desc="icl") as logger, torch.inference_mode():
+        for prompt in args.prompt:
             for k in args.k:
                 for repeat in range(args.repeats):
                     for ordering in range(args.orderings):
                         results.append(run_icl(model, tokenizer, task, k, prompt, args.seed + repeat,
-                                               args.max_context, args.precision, fixed_support=args.support == "fixed",
+                                               args.max_context, precision, fixed_support=args.support == "fixed",
                                                ordering=ordering, batch_size=args.batch_size,
                                                calibrate=args.calibrate))
                         logger.advance(len(results), score=results[-1]["score"])

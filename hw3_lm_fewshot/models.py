@@ -293,3 +293,17 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def load_model(spec: ModelSpec, classifier: bool, num_labels: int = 5):
+    """``(model, tokenizer)``: a classifier with a fresh head, or a causal LM. A folder transformers
+    cannot read (no ``model_type``, broken or truncated weights) is a :class:`CS330Error`, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_classifier(spec, num_labels) if classifier else load_causal_lm(spec)
+    except SafetensorError as err:  # a truncated or damaged .safetensors file
+        raise CS330Error(f"the weights of model {spec.name!r} in {spec.path} are damaged ({err}): download or "
+                         "save them again") from None
+    except (ValueError, RuntimeError) as err:  # what from_pretrained raises for unreadable configs/weights
+        raise CS330Error(f"could not load model {spec.name!r} from {spec.path}: {err}") from None

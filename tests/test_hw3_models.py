@@ -19,7 +19,7 @@ from torch import nn
 from hw3_lm_fewshot import ft
 from hw3_lm_fewshot.cli import FP32_BECAUSE
 from hw3_lm_fewshot.data import Example, TaskData, parse_babi, sample_support
-from hw3_lm_fewshot.ft import apply_mode, build_parser, lora_target_regex, run_ft, selected_blocks
+from hw3_lm_fewshot.ft import apply_mode, lora_target_regex, parse_args, run_ft, selected_blocks
 from hw3_lm_fewshot.generation import (
     PromptTruncatedWarning,
     generate_batch,
@@ -28,7 +28,7 @@ from hw3_lm_fewshot.generation import (
     prefix_cache,
 )
 from hw3_lm_fewshot.icl import run_icl
-from hw3_lm_fewshot.metrics import TASK_METRIC
+from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import count_parameters, load_causal_lm, load_classifier, resolve_model, transformer_blocks
 from hw3_lm_fewshot.prompts import MAX_NEW_TOKENS, build_prompt, encode_queries, label_candidates, ordered_support
 from tests.test_hw3_unit import write_tiny_data
@@ -148,17 +148,28 @@ def fixture_task() -> TaskData:
 
 
 def tiny_args(*extra: str):
-    return build_parser().parse_args(["--device", "cpu", "--max_steps", "2", "--batch_size", "2", *extra])
+    return parse_args(["--device", "cpu", "--max_steps", "2", "--batch_size", "2", *extra])
+
+
+def predictions_and_references(result: dict) -> tuple[list, list]:
+    """The predictions of a run whose evaluation set is at most 3 examples (results keep 3)."""
+    return [e["prediction"] for e in result["examples"]], [e["reference"] for e in result["examples"]]
 
 
 @needs_minilm
 def test_tiny_end_to_end_ft_classifier():
     reviews = ["awful, broke at once", "poor value", "it is fine", "good buy", "excellent, love it"]
     pool = [Example(f"{text} ({i})", label) for label, text in enumerate(reviews) for i in range(2)]
-    task = TaskData("amazon", pool, pool[:5], "hand-made")
-    result = run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=tiny_args())
-    assert 0.0 <= result["score"] <= 1.0 and 1 <= result["steps"] <= 2
-    assert result["metric"] == TASK_METRIC["amazon"] and 0 < result["trainable_params"] < result["total_params"]
+    task = TaskData("amazon", pool, pool[:3], "hand-made")
+    result = run_ft(resolve_model("minilm"), task, k=1, seed=0, args=tiny_args("--mode", "last"))
+    predictions, references = predictions_and_references(result)
+    assert references == [0, 0, 1] and result["score"] == score("amazon", predictions, references)
+    assert result["steps"] == 2  # --max_steps 2; the first support check is at the last step (--eval_every 5)
+    fresh, _ = load_classifier(resolve_model("minilm"), num_labels=5)
+    blocks = transformer_blocks(fresh)[1]
+    last_two = sum(p.numel() for block in blocks[-2:] for p in block.parameters())
+    assert result["trainable_params"] == last_two + 384 * 5 + 5  # the last two blocks and the fresh head
+    assert result["total_params"] == count_parameters(fresh)[1] and result["metric"] == TASK_METRIC["amazon"]
 
 
 @needs_minilm
@@ -166,24 +177,29 @@ def test_min_steps_delays_early_stopping():
     reviews = ["awful", "poor", "fine", "good", "excellent"]
     pool = [Example(text, label) for label, text in enumerate(reviews)]
     task = TaskData("amazon", pool, pool, "hand-made")
-    always_stop = ("--eval_every", "1", "--early_stop_acc", "0.0", "--max_steps", "3")
-    assert run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=tiny_args(*always_stop))["steps"] == 1
+    always_stop = ("--mode", "last", "--eval_every", "1", "--early_stop_acc", "0.0", "--max_steps", "3")
+    assert run_ft(resolve_model("minilm"), task, k=1, seed=0, args=tiny_args(*always_stop))["steps"] == 1
     delayed = tiny_args(*always_stop, "--min_steps", "3")
-    assert run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=delayed)["steps"] == 3
+    assert run_ft(resolve_model("minilm"), task, k=1, seed=0, args=delayed)["steps"] == 3
 
 
 @needs_smollm2
 def test_tiny_end_to_end_ft_and_icl_babi(smollm2):
     task = fixture_task()
-    result = run_ft(resolve_model("smollm2"), task, k=2, mode="lora4", seed=0, args=tiny_args("--eval_every", "1"))
-    assert 0.0 <= result["score"] <= 1.0 and result["steps"] >= 1
+    args = tiny_args("--dataset", "babi", "--mode", "lora4", "--eval_every", "1", "--min_steps", "2")
+    result = run_ft(resolve_model("smollm2"), task, k=2, seed=0, args=args)
+    predictions, references = predictions_and_references(result)
+    assert references == [ex.y for ex in task.eval] and result["score"] == score("babi", predictions, references)
+    assert result["steps"] == 2 and result["metric"] == "exact_match"
     assert result["trainable_params"] == expected_lora_params(load_causal_lm(resolve_model("smollm2"))[0], rank=4)
 
     model, tokenizer = smollm2
     icl = run_icl(model, tokenizer, task, k=1, prompt="qa", seed=0)
-    assert icl["metric"] == "exact_match" and 0.0 <= icl["score"] <= 1.0
-    assert icl["generated_tokens"] >= 0 and icl["tokens_per_s"] >= 0.0
-    assert len(icl["examples"]) == 2 and all(len(e["prediction"].split()) <= 6 for e in icl["examples"])
+    predictions, references = predictions_and_references(icl)
+    assert references == [ex.y for ex in task.eval] and icl["score"] == score("babi", predictions, references)
+    answer_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions]
+    assert icl["generated_tokens"] == sum(answer_tokens) and max(answer_tokens) <= MAX_NEW_TOKENS["babi"]
+    assert icl["tokens_per_s"] == pytest.approx((icl["prompt_tokens"] + sum(answer_tokens)) / icl["seconds"])
 
 
 @needs_smollm2
@@ -242,7 +258,9 @@ def test_long_prompt_is_truncated_with_a_warning(smollm2):
         warnings.simplefilter("ignore")  # transformers' own notices
         with pytest.warns(PromptTruncatedWarning, match="from the left"):
             text = generate_greedy(model, tokenizer, prompt, max_new_tokens=4, max_context=40)
-    assert isinstance(text, str)
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) > 36  # the last 40 - 4 tokens are kept: the answer of exactly those
+    assert text == generate_batch(model, tokenizer, [ids[-36:]], max_new_tokens=4)[0]
 
 
 def ft_cli(data: Path, *extra: str) -> list[str]:
@@ -254,9 +272,11 @@ def ft_cli(data: Path, *extra: str) -> list[str]:
 def test_ft_main_writes_results_under_the_homework_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CS330_RUNS_DIR", str(tmp_path / "runs"))
     ft.main(ft_cli(write_tiny_data(tmp_path / "data"), "--max_steps", "1", "--mode", "last"))
-    run_dir = tmp_path / "runs" / "hw3_lm_fewshot" / "ft_modelminilm_dataamazon_modelast_k1_precfp32_seed0"
+    run_dir = (tmp_path / "runs" / "hw3_lm_fewshot" /
+               "ft_modelminilm_dataamazon_modelast_k1_lr0.0001_bs8_steps1_every5_min0_stop0.75_len100_n5_rep1_precfp32_seed0")
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["hparams"]["precision"] == "fp32" and saved["metrics"]["runs"][0]["steps"] == 1
+    assert saved["hparams"]["lr"] == 1e-4 and saved["hparams"]["max_length"] == 100  # resolved: not null, not 256
     assert capsys.readouterr().out.startswith(f"precision: fp32 ({FP32_BECAUSE})")
 
 
@@ -291,8 +311,8 @@ def test_bf16_autocasts_training_and_evaluation_forwards(monkeypatch):
     monkeypatch.setattr(ft, "load_model", load_and_watch)
     reviews = ["awful", "poor", "fine", "good", "excellent"]
     task = TaskData("amazon", [Example(t, c) for c, t in enumerate(reviews)], [Example("ok", 2)], "hand-made")
-    args = tiny_args("--eval_every", "1", "--min_steps", "2", "--bf16")
-    result = run_ft(resolve_model("minilm"), task, k=1, mode="last", seed=0, args=args)
+    args = tiny_args("--mode", "last", "--eval_every", "1", "--min_steps", "2", "--bf16")
+    result = run_ft(resolve_model("minilm"), task, k=1, seed=0, args=args)
     # 2 training steps + 2 support checks + 1 evaluation batch, all in bf16
     assert result["steps"] == 2 and seen == [torch.bfloat16] * 5
 

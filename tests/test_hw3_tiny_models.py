@@ -145,8 +145,7 @@ def one_thread():
 
 
 def load(folder: Path, classifier: bool):
-    from hw3_lm_fewshot.cli import load_model
-    from hw3_lm_fewshot.models import resolve_model
+    from hw3_lm_fewshot.models import load_model, resolve_model
 
     model, tokenizer = load_model(resolve_model(str(folder)), classifier, num_labels=5)
     return model.eval(), tokenizer
@@ -321,9 +320,9 @@ MODES = ["all", "first", "middle", "last", "lora4", "lora16"]
 
 
 def ft_args(*extra: str):
-    from hw3_lm_fewshot.ft import build_parser
+    from hw3_lm_fewshot.ft import parse_args
 
-    return build_parser().parse_args(["--device", "cpu", "--max_steps", "2", "--min_steps", "2", "--batch_size", "2",
+    return parse_args(["--device", "cpu", "--max_steps", "2", "--min_steps", "2", "--batch_size", "2",
                                       "--eval_every", "1", *extra])
 
 
@@ -346,7 +345,7 @@ def test_every_mode_fine_tunes_end_to_end(tiny_models, arch, task, monkeypatch):
     spec, data = resolve_model(str(tiny_models[arch])), amazon_task() if task == "amazon" else babi_task()
     head = HEADS_OF[arch] if task == "amazon" else set()
     for mode in MODES:
-        result = ft.run_ft(spec, data, k=1, mode=mode, seed=0, args=ft_args())
+        result = ft.run_ft(spec, data, k=1, seed=0, args=ft_args("--mode", mode, "--dataset", task))
         assert result["steps"] == 2 and 0.0 <= result["score"] <= 1.0, mode
         changed = {name for name, p, before in loaded[-1] if not torch.equal(p, before)}
         every = {name for name, _, _ in loaded[-1]}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.errors import CS330Error
-from hw3_lm_fewshot import cli, ft, icl
+from hw3_lm_fewshot import cli, ft, icl, results
 from hw3_lm_fewshot.data import (
     AMAZON_RELPATH,
     BABI_DIR,
@@ -436,7 +436,7 @@ def test_summary_is_mean_and_sample_std_per_method_and_k():
     runs = [{"method": "ft", "mode": "lora16", "k": 8, "score": s, "seconds": 1.0, "support_acc": a, "steps": 10}
             for s, a in ((0.2, 1.0), (0.4, 0.5), (0.6, float("nan")))]
     runs.append({"method": "icl", "prompt": "qa", "k": 8, "score": 0.3, "seconds": 2.0})
-    ft_row, icl_row = sorted(cli.summarize(runs), key=lambda r: r["method"])
+    ft_row, icl_row = sorted(results.summarize(runs), key=lambda r: r["method"])
     assert ft_row["mean"] == pytest.approx(0.4) and ft_row["std"] == pytest.approx(0.2)  # ddof 1
     assert ft_row["support_acc"] == pytest.approx(0.75) and ft_row["repeats"] == 3  # NaN (k = 0) left out
     assert icl_row["std"] == 0.0 and icl_row["support_acc"] is None and icl_row["variant"] == "qa"
