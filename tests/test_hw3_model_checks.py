@@ -106,7 +106,7 @@ def test_blocks_and_projections_that_are_missing_are_named():
     from types import SimpleNamespace
 
     from common.errors import CS330Error
-    from hw3_lm_fewshot.ft import check_mode_fits
+    from hw3_lm_fewshot.modes import check_mode_fits
 
     class Shared(nn.Module):  # one block applied n times, as ALBERT
         config = SimpleNamespace(num_hidden_layers=3)

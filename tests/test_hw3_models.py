@@ -19,7 +19,7 @@ from torch import nn
 from hw3_lm_fewshot import ft
 from hw3_lm_fewshot.cli import FP32_BECAUSE
 from hw3_lm_fewshot.data import Example, TaskData, parse_babi, sample_support
-from hw3_lm_fewshot.ft import apply_mode, lora_target_regex, parse_args, run_ft, selected_blocks
+from hw3_lm_fewshot.ft import parse_args, run_ft
 from hw3_lm_fewshot.generation import (
     PromptTruncatedWarning,
     generate_batch,
@@ -30,6 +30,7 @@ from hw3_lm_fewshot.generation import (
 from hw3_lm_fewshot.icl import run_icl
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
 from hw3_lm_fewshot.models import count_parameters, load_causal_lm, load_classifier, resolve_model, transformer_blocks
+from hw3_lm_fewshot.modes import apply_mode, lora_target_regex, selected_blocks
 from hw3_lm_fewshot.prompts import MAX_NEW_TOKENS, build_prompt, encode_queries, label_candidates, ordered_support
 from tests.test_hw3_unit import write_tiny_data
 

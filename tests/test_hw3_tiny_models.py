@@ -174,7 +174,7 @@ def trainable(model: nn.Module) -> set[str]:
 @pytest.mark.parametrize("arch, classifier", [("bert", True), ("gpt2", True), ("gpt2", False), ("llama", True),
                                               ("llama", False)])  # an encoder is fine-tuned as a classifier only
 def test_partial_modes_train_exactly_their_two_blocks(tiny_models, arch, classifier):
-    from hw3_lm_fewshot.ft import apply_mode
+    from hw3_lm_fewshot.modes import apply_mode
 
     model, _ = load(tiny_models[arch], classifier)
     head = HEADS_OF[arch] if classifier else set()
@@ -201,7 +201,7 @@ def projection(module: nn.Module) -> tuple[int, int]:
 def test_lora_adapts_every_projection_of_every_block(tiny_models, arch, rank):
     from peft.tuners.lora import LoraLayer
 
-    from hw3_lm_fewshot.ft import apply_mode
+    from hw3_lm_fewshot.modes import apply_mode
 
     classifier = arch == "bert"
     model, _ = load(tiny_models[arch], classifier)
@@ -225,7 +225,7 @@ def test_lora_adapts_every_projection_of_every_block(tiny_models, arch, rank):
 def test_merged_lora_model_is_the_base_plus_its_adapters(tiny_models, arch):
     """With non-zero adapters, ``merge_and_unload`` gives W + B A (GPT-2: (B A)^T, Conv1D) and the
     same outputs as the adapted model."""
-    from hw3_lm_fewshot.ft import apply_mode
+    from hw3_lm_fewshot.modes import apply_mode
 
     classifier = arch == "bert"
     model, tokenizer = load(tiny_models[arch], classifier)
