@@ -205,7 +205,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     cuda = state["cuda"]
-    if cuda and torch.cuda.is_available():  # checkpoints before 2026-11-28 hold one state per visible GPU
+    if cuda and torch.cuda.is_available():  # this device's state; older checkpoints hold one per visible GPU
         torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[torch.cuda.current_device()])
 
 

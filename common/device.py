@@ -104,8 +104,8 @@ def usable_cores() -> int:
 
 def configure_threads(threads: int | None) -> int:
     """Set torch's intra-op threads: ``threads``, else ``$OMP_NUM_THREADS``, else the usable cores.
-    More threads than cores makes OpenMP workers spin against each other (issue 28: many times
-    slower), so a larger request is capped at the usable cores with a note."""
+    More threads than cores makes OpenMP workers spin against each other, many times slower, so a
+    larger request is capped at the usable cores with a note."""
     source = "--threads"
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")

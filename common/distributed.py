@@ -81,19 +81,13 @@ def init_from_env(device: torch.device) -> World:
 def destroy(world: World) -> None:
     """Leave the process group at the end of a run that every rank finished.
 
-    The barrier first, so the ranks leave together: once in CI, rank 1 of a ``--test`` run under
-    torchrun, which left right after its last collective while rank 0 still wrote the results,
-    aborted at exit ("terminate called without an active exception") and torchrun reported the run
-    as failed. Not reproduced in 300 runs here.
+    The barrier first, so the ranks leave together: a rank that leaves right after its last
+    collective while rank 0 still writes the results can abort at exit, and torchrun then reports
+    the run as failed (README, "Scaling out").
     """
     if world.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def barrier(world: World) -> None:
-    if world.enabled:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------- training

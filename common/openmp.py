@@ -3,10 +3,9 @@
 torch's CPU kernels run on OpenMP (libgomp) workers. Between parallel regions an idle worker spins
 for a while (300,000 iterations by default) before it sleeps, so that the next region starts without
 a wake-up. On a quiet machine that is the fastest choice. When another job keeps the cores busy, the
-spinning workers of two processes burn each other's time slices: measured on the 2-core CPU, `make
-demo` with one other 2-thread PyTorch job went from 1.4 s to 4-10 s per iteration after about two
-minutes and stayed there, while ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) held 1.5 s per iteration
-(the whole demo 2.1x its quiet time) but costs about 15% on a quiet machine (numbers in the hw2 README).
+spinning workers of two processes burn each other's time slices and a run slows down several times
+over; ``OMP_WAIT_POLICY=PASSIVE`` (sleep at once) keeps it near its quiet speed but costs a little on
+a quiet machine (the measurements: hw2 README, "Precision and chunking by machine").
 
 So: sample the load for a tenth of a second before torch loads libgomp (which reads its settings
 once, when loaded) and choose ``PASSIVE`` only when other processes keep at least half a core busy.

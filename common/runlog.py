@@ -28,6 +28,11 @@ def runs_root() -> Path:
     return Path(os.environ.get("CS330_RUNS_DIR", "runs"))
 
 
+def resolve_run_dir(log_dir: str | os.PathLike | None, homework: str, run_name: str) -> Path:
+    """A run's folder: ``--log_dir`` when given, else ``runs/<homework>/<run name>`` under :func:`runs_root`."""
+    return Path(log_dir) if log_dir else runs_root() / homework / run_name
+
+
 def build_run_name(prefix: str, parts: Mapping[str, Any]) -> str:
     """A run name made of the hyper-parameters, safe on every file system (no colons or slashes):
     ``build_run_name("maml", {"way": 5, "lr": 0.4})`` -> ``maml_way5_lr0.4``."""
@@ -96,13 +101,6 @@ class RunLogger:
             disable=total_steps is None,
         )
         self._step = start_step
-
-    @classmethod
-    def for_homework(cls, homework: str, run_name: str, hparams: Mapping[str, Any],
-                     log_dir: str | None = None, **kwargs: Any) -> RunLogger:
-        """The default layout: ``log_dir`` if given, else ``runs/<homework>/<run_name>``."""
-        run_dir = Path(log_dir) if log_dir else runs_root() / homework / run_name
-        return cls(run_dir, hparams, **kwargs)
 
     @contextlib.contextmanager
     def _writing_events(self) -> Iterator[None]:

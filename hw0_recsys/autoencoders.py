@@ -75,8 +75,8 @@ class UserAutoRec(nn.Module):
     training ratings, as the loss is a mean).
 
     It is :class:`ItemAutoRec` built with users and items swapped, so the two cannot drift apart.
-    Defaults (500 units, lambda 100, with Adam at lr 0.01 for 100 full-batch steps, ~10-17 s on one
-    thread): validation RMSE 0.9307 on a 10% slice of u1.base (lambda 30: 0.9305, 300: 0.9501).
+    Defaults (500 units, lambda 100, with Adam at lr 0.01 for 100 full-batch steps): validation RMSE
+    0.9307 on a 10% slice of u1.base (lambda 30: 0.9305, 300: 0.9501).
     That model falls back to the global mean for its rows (here users) with no training rating; the
     same is done here for items with no training rating, whose output units were never trained.
     """
@@ -122,8 +122,8 @@ class KernelLinear(nn.Module):
 
     def kernel(self) -> torch.Tensor:
         """``[in, out]`` kernel ``K_ij = max(0, 1 - |u_i - v_j|^2)`` in [0, 1], 0 from distance 1 on."""
-        # |u|^2 + |v|^2 - 2 u.v: one small matrix product, ~10x faster (forward and backward) than the
-        # [in, out, dim] tensor of differences; its rounding (~1e-7) only matters at distance exactly 1.
+        # |u|^2 + |v|^2 - 2 u.v: one small matrix product, much faster (forward and backward, README) than
+        # the [in, out, dim] tensor of differences; its rounding (~1e-7) only matters at distance exactly 1.
         squared = self.u.square().sum(1)[:, None] + self.v.square().sum(1)[None, :] - 2 * self.u @ self.v.T
         return (1.0 - squared).clamp(min=0.0, max=1.0)  # [in, out]
 
@@ -154,8 +154,7 @@ class KernelAutoRec(nn.Module):
     lr 0.01 / 300 steps 0.9000, lr 0.02 / 300 0.8949, lr 0.02 / 400 0.8887, 500 0.8910, 600 0.8924,
     lr 0.01 / 500 0.9179: at a constant rate full-batch Adam oscillates, and the final model is a
     lottery (the test RMSE of the u1..u5 runs at lr 0.02 swung between 0.895 and 0.952 from one
-    evaluation to the next). Cosine decay ends smoothly: lr 0.02 0.8912, **0.03 0.8899**, 0.05 0.8947
-    (60-105 s on one thread).
+    evaluation to the next). Cosine decay ends smoothly: lr 0.02 0.8912, **0.03 0.8899**, 0.05 0.8947.
     Pairs whose item or user has no training rating get the global mean: their units were never trained.
     """
 

@@ -25,12 +25,10 @@ Stages (``--stages``):
   that minimises the validation RMSE of the default SVD++ and AutoRec runs (the test folds are never
   used); the folds stage runs the two default runs too, to get w.
 
-Presets: a multi-task epoch took 0.86 s evaluating every 5 epochs and 1.2 s evaluating every epoch (as
-the README's 10-epoch runs did) on one thread of this shared 2-core CPU (2026-11-28). Evaluating every
-10 epochs, the course's 200 epochs for the 20 course runs take about 1 h and the folds stage 5 min, so
-``cpu`` is the same grid as ``course``. ``smoke`` (``--quick``) trains 2 / 25 epochs per run. Every run is
-``hw0_recsys/train.py`` in ``runs/hw0_recsys/experiments/<preset>/<name>`` (see common/grid.py:
-finished runs are reused, killed ones resumed).
+Presets: ``cpu`` is the same grid as ``course`` (the course's 200 epochs, evaluated every 10), which
+a CPU runs in reasonable time (README, "Run times"). ``smoke`` (``--quick``) trains 2 / 25 epochs per
+run. Every run is ``hw0_recsys/train.py`` in ``runs/hw0_recsys/experiments/<preset>/<name>`` (see
+common/grid.py: finished runs are reused, killed ones resumed).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from common.device import autocast, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.limits import check_fits
 from common.run import RunFolder
-from common.runlog import RunLogger, build_run_name, runs_root
+from common.runlog import RunLogger, build_run_name, resolve_run_dir
 from common.seeding import seed_everything
 from hw0_recsys.data import SPLIT_CHOICES, VAL_SPLIT_SEED, Ratings, Split, holdout, load_split
 from hw0_recsys.evaluate import early_stopped_metrics, evaluate, update_best
@@ -237,7 +237,7 @@ def run_name(args: argparse.Namespace) -> str:
 
 def run_folder(args: argparse.Namespace) -> Path:
     """``--log_dir``, or ``runs/hw0_recsys/<run name>``."""
-    return Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name(args)
+    return resolve_run_dir(args.log_dir, HOMEWORK, run_name(args))
 
 
 def train_epoch(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

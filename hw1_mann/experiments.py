@@ -2,14 +2,14 @@
 of the hardest course setting, and LSTM vs memory network under Santoro et al. (2016)'s protocol.
 
     python hw1_mann/experiments.py --preset cpu --dry_run   # what would run, and what is done
-    python hw1_mann/experiments.py --preset cpu             # about an hour on 2 CPU cores
+    python hw1_mann/experiments.py --preset cpu             # run times: README
     python hw1_mann/experiments.py --preset course --device cuda
 
 Presets:
-- ``cpu``: the LSTM at (K, N) = (1, 4) with 3 seeds at the course's 25000 steps (README: 16-30
-  steps/s at (1, 4) on this CPU, so 15-25 min per run); Santoro et al.'s protocol (5 classes x 10
-  presentations, meta-batch 16, hidden 200) for 12000 steps = 192,000 episodes, about twice the
-  paper's 100,000, 3 seeds of each model (LSTM ~10 min per run, memory network ~50 min).
+- ``cpu``: the LSTM at (K, N) = (1, 4) with 3 seeds at the course's 25000 steps; Santoro et al.'s
+  protocol (5 classes x 10 presentations, meta-batch 16, hidden 200) for 12000 steps = 192,000
+  episodes, about twice the paper's 100,000, 3 seeds of each model (the README gives the steps/s
+  and minutes per run that sized it for a CPU).
 - ``course``: the course's 25000 steps for the course grid (1,2), (2,2), (1,3), (1,4), hidden sizes
   8/128/256 at (1, 3), LSTM vs memory network at (1, 4), the 3 seeds at (1, 4), and the Santoro
   et al. runs of ``cpu``.

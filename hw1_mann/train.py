@@ -53,7 +53,7 @@ from common.errors import CS330Error, cli_main
 from common.limits import check_fits
 from common.omniglot import OmniglotStore
 from common.run import RunFolder
-from common.runlog import build_run_name, runs_root
+from common.runlog import build_run_name, resolve_run_dir
 from common.seeding import seed_everything
 from common.stats import mean_ci95
 from hw1_mann.data import CourseSampler, SantoroSampler, TaskBatch, TaskSampler, check_episode_shape, check_task_shape
@@ -155,7 +155,7 @@ def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
 
 def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
     """``--log_dir``, or ``runs/hw1_mann/<run name>``."""
-    return Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name(args, precision)
+    return resolve_run_dir(args.log_dir, HOMEWORK, run_name(args, precision))
 
 
 def make_sampler(args: argparse.Namespace, split_images: torch.Tensor, device: torch.device,
