@@ -66,8 +66,8 @@ CPU = {
     "babi_ft": {"k": [1, 8, 64], "modes": ["last", "lora4", "lora16", "all"], "steps": (20, 1.0)},
     "xsum_icl": {"k": [0, 1, 4], "prompts": ["none", "tldr", "custom"]},
     "xsum_ft": {"k": [1, 8, 64], "modes": ["lora16", "last"], "steps": (8, 1.0)},
-    # bAbI ICL at k = 4 again under bf16 autocast, against its fp32 run above; training in bf16 was
-    # 1.5-2.0x slower per step on this CPU (README), so it is not rerun here (the course preset does)
+    # bAbI ICL at k = 4 again under bf16 autocast, against its fp32 run above; fine-tuning in bf16 is
+    # not rerun on CPU (the README's section 5 says why), the course preset does
     "bf16": {"icl": ("babi", "qa", 4)},
     "amazon_calib": {"k": [0, 1, 4], "prompts": ["qa"]},
     "babi_calib": {"k": [0, 1, 4, 16], "prompts": ["qa"]},

@@ -117,7 +117,7 @@ def _weights_md5(folder: Path) -> str:
 
 
 def _cache_intact(cache: Path) -> bool:
-    """Whether the de-quantized copy is whole: its weights' md5 as written (once per process: ~1 s)."""
+    """Whether the de-quantized copy is whole: its weights' md5 as written (checked once per process)."""
     if cache not in _INTACT:
         try:
             expected = (cache / CACHE_CHECKSUM).read_text().strip()
@@ -131,8 +131,8 @@ def _cache_intact(cache: Path) -> bool:
 def _load_pretrained(auto_cls, spec: ModelSpec, **kwargs):
     """``from_pretrained`` with a hub failure turned into a clear error.
 
-    A GGUF model is de-quantized once (slow: ~15 s for SmolLM2 on one core) and kept as a
-    float32 safetensors folder under data/models/, which later runs load in about a second.
+    A GGUF model is de-quantized once and kept as a float32 safetensors folder under data/models/,
+    which later runs load (the README gives the times).
     """
     from transformers import AutoTokenizer
 

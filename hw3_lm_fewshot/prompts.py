@@ -9,11 +9,10 @@ joined by blank lines and the query comes last, ending where the answer should b
               XSum ``{x}\\nQ: What is this article about?\\nA: {y}``;
               amazon ``Review: {x}\\nStars: {stars}`` (scored by the likelihood of " 1" .. " 5")
 - ``custom``: XSum ``Article: {x}\\n\\nOne-sentence summary: {y}``: it names the article and what
-              follows it as a one-sentence summary right where the answer begins. Our first design
-              (an instruction line, then ``Input: {x}\\nOutput: {y}``) made SmolLM2 end the text at
-              once at k = 0 (ROUGE-1 0.06, mostly empty answers): "Output:" says nothing about what
-              comes next. bAbI: the instruction "Answer each question with one word, the place.",
-              then ``Input: {x}\\nOutput: {y}`` per example (it works there: the answer is one word).
+              follows it as a one-sentence summary right where the answer begins (the README's
+              "Prompt custom" says what this wording replaced, and why). bAbI: the instruction
+              "Answer each question with one word, the place.", then ``Input: {x}\\nOutput: {y}`` per
+              example (the answer is one word).
 A prompt is :func:`prompt_prefix` (the support examples) followed by :func:`prompt_query`, so the
 evaluation can read a prefix shared by every query once (generation.prefix_cache).
 """

@@ -232,14 +232,15 @@ def test_amazon_labels_are_scored_by_likelihood_after_a_cached_prefix(smollm2):
     reviews = ["Broke after a day.", "Does the job, nothing more, and the box was dented when it came.", "Love it!"]
     pool = [Example(f"review {c}", c) for c in range(5)]
     task = TaskData("amazon", pool, [Example(text, label) for label, text in zip((0, 2, 4), reviews)], "hand-made")
-    prefix_ids, queries, _ = encode_queries(tokenizer, model, task, 1, "qa", 0, True, 0, None)
-    queries = [q + shared for q in queries]
+    prefix_ids, bare, _ = encode_queries(tokenizer, model, task, 1, "qa", 0, True, 0, None)
+    queries = [q + shared for q in bare]
     cached = next_token_logits(model, tokenizer, queries, prefix_ids, prefix_cache(model, prefix_ids))  # [3, V]
     with torch.inference_mode():
         alone = torch.stack([model(input_ids=torch.tensor([prefix_ids + q])).logits[0, -1] for q in queries])
     torch.testing.assert_close(cached[:, candidates], alone[:, candidates], atol=1e-4, rtol=1e-4)
     result = run_icl(model, tokenizer, task, k=1, prompt="qa", seed=0, fixed_support=True)
-    assert result["metric"] == "accuracy" and result["generated_tokens"] == 0 and result["prompt_tokens"] > 0
+    assert result["metric"] == "accuracy" and result["generated_tokens"] == 0
+    assert result["prompt_tokens"] == len(prefix_ids) + sum(map(len, bare))  # the prefix read once, then each query
     assert sum(result["predicted_label_counts"]) == len(task.eval)
 
 
