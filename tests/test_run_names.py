@@ -110,22 +110,25 @@ def folders(script, changes: dict, parse: Callable[[list[str]], argparse.Namespa
     return script.run_folder(base), script.run_folder(changed)
 
 
-HW0_CASES = list(flag_cases(hw0.build_parser(), HW0_RUN_ONLY, HW0_CONTEXT))
-HW1_CASES = list(flag_cases(hw1.build_parser(), HW1_RUN_ONLY, HW1_CONTEXT))
+def over_flags(cases: list[tuple[str, list[str], argparse.Action]]) -> pytest.MarkDecorator:
+    """Parametrise a test over ``flag_cases`` as (dest, base), one case per flag, named by it."""
+    return pytest.mark.parametrize(("dest", "base"), [(dest, base) for dest, base, _ in cases],
+                                   ids=[dest for dest, _, _ in cases])
 
 
-@pytest.mark.parametrize(("dest", "base"), [(dest, base) for dest, base, _ in HW0_CASES],
-                         ids=[dest for dest, _, _ in HW0_CASES])
+def assert_flag_names_the_run(script, changes: dict, dest: str, base: list[str]) -> None:
+    first, second = folders(script, changes, script.parse_args, dest, base)
+    assert first != second, f"--{dest} changes what is trained but not the run folder {first}"
+
+
+@over_flags(list(flag_cases(hw0.build_parser(), HW0_RUN_ONLY, HW0_CONTEXT)))
 def test_hw0_every_flag_names_the_run(dest: str, base: list[str]) -> None:
-    first, second = folders(hw0, HW0_CHANGES, hw0.parse_args, dest, base)
-    assert first != second, f"--{dest} changes what is trained but not the run folder {first}"
+    assert_flag_names_the_run(hw0, HW0_CHANGES, dest, base)
 
 
-@pytest.mark.parametrize(("dest", "base"), [(dest, base) for dest, base, _ in HW1_CASES],
-                         ids=[dest for dest, _, _ in HW1_CASES])
+@over_flags(list(flag_cases(hw1.build_parser(), HW1_RUN_ONLY, HW1_CONTEXT)))
 def test_hw1_every_flag_names_the_run(dest: str, base: list[str]) -> None:
-    first, second = folders(hw1, HW1_CHANGES, hw1.parse_args, dest, base)
-    assert first != second, f"--{dest} changes what is trained but not the run folder {first}"
+    assert_flag_names_the_run(hw1, HW1_CHANGES, dest, base)
 
 
 @pytest.mark.parametrize(("script", "run_only"), [(hw0, HW0_RUN_ONLY), (hw1, HW1_RUN_ONLY)])
