@@ -16,7 +16,7 @@ Every flag of a resumed run must equal the run's, except the run length and inte
 A run with --lr_schedule cosine cannot be extended (its rate decays over --epochs, so a longer
 run is another schedule): there --epochs must equal the run's too.
 The course's flags are accepted as they are: --epochs (also --num_epochs), --shared_embeddings /
---no_shared_embeddings (also --no_embedding_sharing), --logdir (also --log_dir); hparams.json keeps
+--no_shared_embeddings (also --no_embedding_sharing), --logdir (an alias of --log_dir); hparams.json keeps
 the names num_epochs, no_embedding_sharing and log_dir, so earlier run folders still resume.
 With --val_fraction > 0 a slice of the training ratings is held out and all metrics are computed
 on it instead of the test set, so hyper-parameters can be chosen without looking at the test data.
