@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from common.cli import add_run_args, int_list, positive_int
+from common.errors import CS330Error
 from common.runlog import runs_root
 from hw3_lm_fewshot.data import TASKS
 from hw3_lm_fewshot.models import MODEL_CHOICES
@@ -27,12 +29,18 @@ INTERRUPTED = "interrupted; nothing was saved (results.json is written at the en
 parse_k_list = int_list(0, "1,8,128")  # --k: support sizes
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Flags ft.py and icl.py share. Neither keeps checkpoints (each run is short), so there is no ``--resume``."""
+def add_common_args(parser: argparse.ArgumentParser, task: str) -> None:
+    """Flags ft.py and icl.py share, the course's ``--task`` (``task`` is the script's) included.
+    Neither keeps checkpoints (each run is short), so there is no ``--resume``."""
+    parser.add_argument("--task", type=only_task(task), default=task,
+                        help=f"the course's flag: this script runs --task {task} only; the course's --task plot "
+                             "is experiments.py's tables and plots (default: %(default)s)")
     parser.add_argument("--model", default=None,
-                        help=f"short name ({', '.join(MODEL_CHOICES)}), hub id or model folder "
-                             "(default: minilm for amazon, smollm2 otherwise)")
-    parser.add_argument("--dataset", default="amazon", help=f"one of {', '.join(TASKS)} (default: amazon)")
+                        help=f"short name ({', '.join(MODEL_CHOICES)}), hub id or model folder; comma-separated "
+                             "for one run per model, as in the course (default: minilm for amazon, smollm2 otherwise)")
+    parser.add_argument("--dataset", default="amazon",
+                        help=f"one of {', '.join(TASKS)}; comma-separated for one run per dataset, as in the course "
+                             "(default: %(default)s)")
     parser.add_argument("--repeats", type=positive_int, default=1,
                         help="reruns with seeds seed, seed+1, ...: mean and std over them (default: 1)")
     parser.add_argument("--n_eval", type=positive_int, default=50,
@@ -41,6 +49,39 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_context", type=positive_int, default=None,
                         help="cap on prompt + generated tokens (default: the model's context length)")
     add_run_args(parser, resume=False)
+
+
+def only_task(task: str) -> Callable[[str], str]:
+    """An argparse type accepting the course's ``--task`` value of this script and nothing else."""
+    def parse(text: str) -> str:
+        if text != task:
+            raise argparse.ArgumentTypeError(
+                f"this script runs --task {task} only; the course's --task {text} is "
+                + ("python hw3_lm_fewshot/experiments.py (results.md, score_vs_k.png, score_vs_params.png)"
+                   if text == "plot" else "not a task here (ft.py: ft, icl.py: icl)"))
+        return text
+
+    return parse
+
+
+def each_run(args: argparse.Namespace, listed: Sequence[str]) -> list[argparse.Namespace]:
+    """The course's comma-separated flags (``--model a,b``): one namespace per combination of their
+    values, the first flag of ``listed`` outermost, each a run of its own folder. ``--log_dir`` names
+    one folder, so it takes one run only."""
+    values = []
+    for flag in listed:
+        given = getattr(args, flag)
+        parts = [None] if given is None else [part.strip() for part in given.split(",") if part.strip()]
+        if not parts:
+            raise CS330Error(f"--{flag} {given!r} names nothing: give a value, or several separated by commas")
+        values.append(parts)
+    runs = [argparse.Namespace(**{**vars(args), **dict(zip(listed, combination))})
+            for combination in itertools.product(*values)]
+    if args.log_dir and len(runs) > 1:
+        raise CS330Error(f"--log_dir names one run folder, but {' x '.join(f'--{flag}' for flag in listed)} make "
+                         f"{len(runs)} runs: leave --log_dir out (each run goes to runs/{HOMEWORK}/<its name>) or "
+                         "give one value each")
+    return runs
 
 
 def run_dir_for(args: argparse.Namespace, run_name: str) -> Path:

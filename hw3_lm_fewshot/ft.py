@@ -52,6 +52,7 @@ from common.seeding import seed_everything
 from hw3_lm_fewshot.cli import (
     FP32_BECAUSE,
     add_common_args,
+    each_run,
     exits_on_interrupt,
     parse_k_list,
     result_size_parts,
@@ -265,10 +266,12 @@ def eval_share(num_examples: int, world: distributed.World) -> slice:
 # ---------------------------------------------------------------------------- flags and main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    add_common_args(parser, task="ft")
     parser.add_argument("--k", type=parse_k_list, default=[1, 8, 128],
                         help="support sizes, comma-separated (amazon: per class) (default: 1,8,128)")
-    parser.add_argument("--mode", default="all", help=f"what to train: {MODE_HELP} (default: all)")
+    parser.add_argument("--mode", default="all",
+                        help=f"what to train: {MODE_HELP}; comma-separated for one run per mode, as in the course "
+                             "(default: all)")
     parser.add_argument("--prompt_format", default=None, choices=PROMPTS,
                         help="the one text format causal LMs are trained and scored in (icl.py's --prompt "
                              "takes a list of them) (default: qa for babi, tldr for xsum)")
@@ -289,16 +292,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_runs(argv: list[str] | None = None) -> list[argparse.Namespace]:
+    """The flags of every run the command line asks for (the course's comma-separated ``--dataset``,
+    ``--model`` and ``--mode``: one run per combination, in the course's order), with every default
+    that depends on another flag resolved here (and nowhere later)."""
+    runs = each_run(build_parser().parse_args(argv), ("dataset", "model", "mode"))
+    for args in runs:
+        kind, _ = parse_mode(args.mode)
+        amazon = args.dataset == "amazon"
+        args.model = args.model or ("minilm" if amazon else "smollm2")
+        args.lr = args.lr or (1e-3 if kind == "lora" else 1e-4)
+        args.max_length = min(args.max_length, 100) if amazon else args.max_length
+        args.prompt_format = args.prompt_format or DEFAULT_PROMPT.get(args.dataset, "none")
+    return runs
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, with every default that depends on another flag resolved here (and nowhere later)."""
-    args = build_parser().parse_args(argv)
-    kind, _ = parse_mode(args.mode)
-    amazon = args.dataset == "amazon"
-    args.model = args.model or ("minilm" if amazon else "smollm2")
-    args.lr = args.lr or (1e-3 if kind == "lora" else 1e-4)
-    args.max_length = min(args.max_length, 100) if amazon else args.max_length
-    args.prompt_format = args.prompt_format or DEFAULT_PROMPT.get(args.dataset, "none")
-    return args
+    """The flags of a command line that asks for one run (:func:`parse_runs`)."""
+    runs = parse_runs(argv)
+    if len(runs) > 1:
+        raise CS330Error(f"the command line asks for {len(runs)} runs; parse it with parse_runs")
+    return runs[0]
 
 
 def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
@@ -331,16 +345,9 @@ def load_inputs(args: argparse.Namespace) -> tuple[ModelSpec, TaskData]:
     return spec, task
 
 
-@cli_main
-@exits_on_interrupt
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
-    world = distributed.init_from_env(device)  # one process: nothing happens
-    distributed.check_batch_split(args.batch_size, world)
-    # everything that can fail before training fails here, before a run folder exists (rank 0 says
-    # why; the other ranks then leave quietly, else they repeat it)
-    spec, task = distributed.run_on_main(lambda: load_inputs(args), world) or load_inputs(args)
+def fine_tune(args: argparse.Namespace, spec: ModelSpec, task: TaskData, precision: str,
+              world: distributed.World) -> list[dict]:
+    """One run: every k and seed of ``args`` in its run folder; the results of each."""
     run_dir = run_folder(args, precision)
     results = []
     hparams = {**vars(args), "precision": precision}
@@ -352,6 +359,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 logger.advance(len(results), score=results[-1]["score"])
         if world.is_main:
             finish_runs(logger, results, task, run_dir)
+    return results
+
+
+@cli_main
+@exits_on_interrupt
+def main(argv: list[str] | None = None) -> list[dict]:
+    runs = parse_runs(argv)
+    flags = runs[0]  # the run flags (device, precision, threads, batch size) are the same in every run
+    device, precision = setup_compute(flags.device, flags.precision, flags.threads, fp32_because=FP32_BECAUSE)
+    world = distributed.init_from_env(device)  # one process: nothing happens
+    distributed.check_batch_split(flags.batch_size, world)
+    # everything that can fail before training fails here, for every run, before a run folder exists
+    # (rank 0 says why; the other ranks then leave quietly, else they repeat it)
+    inputs = [distributed.run_on_main(lambda args=args: load_inputs(args), world) or load_inputs(args)
+              for args in runs]
+    results = [result for args, (spec, task) in zip(runs, inputs)
+               for result in fine_tune(args, spec, task, precision, world)]
     distributed.destroy(world)
     return results
 

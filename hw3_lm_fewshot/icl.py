@@ -4,10 +4,11 @@
     python hw3_lm_fewshot/icl.py --model smollm2 --dataset xsum --k 0,1,4 --prompt tldr,custom
     python hw3_lm_fewshot/icl.py --dataset amazon --k 0,1,4 --support fixed --orderings 5
 
-Support examples are drawn from the pool with the seed: a new draw per evaluation example (the
-course's protocol, ``--support per_query``), or one set per seed shared by every query
-(``--support fixed``: read once into a KV cache, then each query costs only its own tokens;
-``--orderings N`` scores N orderings of it). xsum / babi: greedy decoding with the KV cache, in
+Support examples are drawn from the pool with the seed: a new draw per evaluation example
+(``--support per_query``), or one set per seed shared by every query (``--support fixed``: read
+once into a KV cache, then each query costs only its own tokens; ``--orderings N`` scores N
+orderings of it; the course's starter code draws one set per repeat and shuffles its order for
+each query). xsum / babi: greedy decoding with the KV cache, in
 left-padded batches, stopping at the end of the first sentence or after the task's token limit
 (bAbI 6, XSum 30). amazon: the most likely label of " 1" .. " 5" after "Stars:" (one forward pass,
 nothing generated). A per-query prompt longer than the model's context (or ``--max_context``) loses
@@ -38,6 +39,7 @@ from common.seeding import seed_everything
 from hw3_lm_fewshot.cli import (
     FP32_BECAUSE,
     add_common_args,
+    each_run,
     exits_on_interrupt,
     parse_k_list,
     result_size_parts,
@@ -46,7 +48,7 @@ from hw3_lm_fewshot.cli import (
 from hw3_lm_fewshot.data import TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_answers, next_token_logits, prefix_cache
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import load_model, model_skeleton, resolve_model
+from hw3_lm_fewshot.models import ModelSpec, load_model, model_skeleton, resolve_model
 from hw3_lm_fewshot.prompts import (
     MAX_NEW_TOKENS,
     PROMPTS,
@@ -119,7 +121,7 @@ def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, ma
     """Score the model on the evaluation set with k in-context examples per query.
 
     ``fixed_support``: one support set per seed (in its ``ordering``), read once into a KV cache and
-    shared by every query; else a fresh draw per query (the course's protocol). Amazon's label is the
+    shared by every query; else a fresh draw per query. Amazon's label is the
     most likely of " 1" .. " 5"; xsum and babi answers are greedy first sentences, or with
     ``calibrate`` (amazon and babi, fixed support) the most likely label after contextual calibration.
     bf16 autocast when ``precision`` is "bf16".
@@ -161,7 +163,7 @@ def run_icl(model, tokenizer, task: TaskData, k: int, prompt: str, seed: int, ma
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    add_common_args(parser, task="icl")
     parser.set_defaults(dataset="babi")
     parser.add_argument("--k", type=parse_k_list, default=[0, 1, 4],
                         help="in-context examples per query, comma-separated (default: 0,1,4)")
@@ -169,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"prompt formats, comma-separated (the course's), from {', '.join(PROMPTS)} "
                              "(default: qa; amazon has only qa)")
     parser.add_argument("--support", default="per_query", choices=("per_query", "fixed"),
-                        help="per_query: a fresh support draw for every question (the course); fixed: one "
-                             "support set per seed, shared by every question and read once (KV cache), "
-                             "as fine-tuning trains on one support set per seed (default: per_query)")
+                        help="per_query: a fresh support draw for every question; fixed: one support set per "
+                             "seed, shared by every question and read once (KV cache), as fine-tuning trains on "
+                             "one support set per seed (the course draws one set per repeat and shuffles it for "
+                             "each question) (default: per_query)")
     parser.add_argument("--orderings", type=positive_int, default=1,
                         help="with --support fixed: also score N-1 seeded permutations of each support set "
                              "(prompt-order sensitivity) (default: 1)")
@@ -193,17 +196,28 @@ def prompt_list(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def parse_runs(argv: list[str] | None = None) -> list[argparse.Namespace]:
+    """The flags of every run the command line asks for (the course's comma-separated ``--model`` and
+    ``--dataset``: one run per combination, in the course's order; the prompts and k of a run share
+    its folder), checked against each other, the default model resolved here (and nothing later)."""
+    runs = each_run(build_parser().parse_args(argv), ("model", "dataset"))
+    for args in runs:
+        for prompt in args.prompt:
+            check_icl_task(args.dataset, prompt)
+        if args.orderings > 1 and args.support != "fixed":
+            raise CS330Error("--orderings permutes a fixed support set: add --support fixed")
+        if args.calibrate:
+            check_calibrate(args.dataset, args.support == "fixed")
+        args.model = args.model or "smollm2"
+    return runs
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flags, checked against each other; the default model is resolved here (and nothing later)."""
-    args = build_parser().parse_args(argv)
-    for prompt in args.prompt:
-        check_icl_task(args.dataset, prompt)
-    if args.orderings > 1 and args.support != "fixed":
-        raise CS330Error("--orderings permutes a fixed support set: add --support fixed")
-    if args.calibrate:
-        check_calibrate(args.dataset, args.support == "fixed")
-    args.model = args.model or "smollm2"
-    return args
+    """The flags of a command line that asks for one run (:func:`parse_runs`)."""
+    runs = parse_runs(argv)
+    if len(runs) > 1:
+        raise CS330Error(f"the command line asks for {len(runs)} runs; parse it with parse_runs")
+    return runs[0]
 
 
 def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
@@ -222,21 +236,23 @@ def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
     return run_dir_for(args, run_name(args, precision))
 
 
-@cli_main
-@exits_on_interrupt
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
-    # everything that can fail before the evaluation fails here, before a run folder exists
+def checked_inputs(args: argparse.Namespace) -> tuple[ModelSpec, TaskData]:
+    """The model spec (a causal LM, from its config alone) and the task data, every k checked."""
     spec = resolve_model(args.model, args.data_dir)
     task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
     for k in args.k:
         sample_support(task, k, args.seed)
     model_skeleton(spec, classifier=False)  # a causal LM? from the config alone, before any weights
+    return spec, task
+
+
+def evaluate_in_context(args: argparse.Namespace, spec: ModelSpec, task: TaskData, device: torch.device,
+                        precision: str) -> list[dict]:
+    """One run: every prompt, k, seed and ordering of ``args`` in its run folder; the results of each."""
     seed_everything(args.seed)
     model, tokenizer = load_model(spec, classifier=False)
     model.to(device).eval()
-    for prompt in args.prompt:
+    for prompt in args.prompt:  # before the run folder exists
         check_queries_fit(tokenizer, model, task, prompt, args.max_context)
     run_dir = run_folder(args, precision)
     results = []
@@ -253,6 +269,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                calibrate=args.calibrate))
                         logger.advance(len(results), score=results[-1]["score"])
         return finish_runs(logger, results, task, run_dir)
+
+
+@cli_main
+@exits_on_interrupt
+def main(argv: list[str] | None = None) -> list[dict]:
+    runs = parse_runs(argv)
+    flags = runs[0]  # the run flags (device, precision, threads) are the same in every run
+    device, precision = setup_compute(flags.device, flags.precision, flags.threads, fp32_because=FP32_BECAUSE)
+    # what can fail before the evaluation fails here, for every run, before a run folder exists
+    inputs = [checked_inputs(args) for args in runs]
+    return [result for args, (spec, task) in zip(runs, inputs)
+            for result in evaluate_in_context(args, spec, task, device, precision)]
 
 
 if __name__ == "__main__":

@@ -283,6 +283,18 @@ def test_ft_main_writes_results_under_the_homework_folder(tmp_path, monkeypatch,
 
 
 @needs_minilm
+def test_ft_main_runs_each_listed_mode_in_its_own_folder(tmp_path, monkeypatch):
+    """The course's ``--mode last,lora4``: two runs, each with its own rate, folder and results.json."""
+    monkeypatch.setenv("CS330_RUNS_DIR", str(tmp_path / "runs"))
+    results = ft.main(ft_cli(write_tiny_data(tmp_path / "data"), "--max_steps", "1", "--mode", "last,lora4"))
+    assert [r["mode"] for r in results] == ["last", "lora4"]
+    saved = [json.loads((folder / "results.json").read_text())
+             for folder in sorted((tmp_path / "runs" / "hw3_lm_fewshot").iterdir())]
+    assert sorted((s["hparams"]["mode"], s["hparams"]["lr"]) for s in saved) == [("last", 1e-4), ("lora4", 1e-3)]
+    assert sorted(s["metrics"]["runs"][0]["score"] for s in saved) == sorted(r["score"] for r in results)
+
+
+@needs_minilm
 def test_nan_loss_stops_ft_with_exit_2_and_no_results(tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = ft_cli(write_tiny_data(tmp_path / "data"), "--max_steps", "5", "--min_steps", "5", "--eval_every", "1",

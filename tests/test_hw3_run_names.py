@@ -16,8 +16,10 @@ import pytest
 from hw3_lm_fewshot import ft, icl
 from tests.test_run_names import flag_cases, folders
 
-FT_RUN_ONLY: dict[str, str] = {}
+TASK = "the course's --task: one value per script (ft.py: ft, icl.py: icl)"
+FT_RUN_ONLY = {"task": TASK}
 ICL_RUN_ONLY = {
+    "task": TASK,
     "batch_size": "queries per forward pass: the batches give the answers of one query at a time (tested in "
                   "test_hw3_models and test_hw3_tiny_models)",
 }
