@@ -11,8 +11,8 @@ Where the lines come from (public copies of the course's starter code and handou
 - hw1: the argparse of ``hw1/hw1.py`` and the lines of ``hw1/run.sh``, Fall 2022 repository.
 - hw2: the argparse of ``hw2/protonet.py`` and ``hw2/maml.py``; the training configurations are the
   run folders under ``hw2/logs/``, the test lines those of ``hw2/q3.sh`` (Fall 2022 repository).
-- hw3: the argparse of ``hw3/ft.py`` and ``hw3/icl.py`` and the lines of ``hw3/run_all.sh`` (Fall
-  2022 repository).
+- hw3: its table is ``tests/test_hw3_handout_commands.py`` (the lines of ``hw3/run_all.sh`` there,
+  each one or several runs, which that file parses with ``parse_runs``).
 
 Not accepted, on purpose: hw1's ``--num_workers`` and ``--image_caching`` configure the course's
 ``DataLoader``; ours samples episodes from the in-memory Omniglot store on the training device, so it
@@ -102,34 +102,6 @@ HW2_ROWS = [
          "test_num_query": 10}, marks=HW2_TEST_SIZES, id="maml-test-at-K"),
 ]
 
-FT, ICL = "hw3_lm_fewshot.ft", "hw3_lm_fewshot.icl"
-HW3_TASK = "no --task (ft.py only fine-tunes, icl.py only prompts; the plots are experiments.py's)"
-HW3_LISTS = "--model and --dataset take one value, not the course's comma-separated lists"
-HW3_ROWS = [
-    pytest.param("python3 ft.py --task ft --model bert-tiny,bert-med --dataset amazon --k 1,8,128", FT,
-                 {"model": ["bert-tiny", "bert-med"], "dataset": ["amazon"], "k": [1, 8, 128], "mode": ["all"],
-                  "repeats": 1},
-                 marks=pytest.mark.xfail(strict=True, reason=f"{HW3_TASK}; {HW3_LISTS}"), id="ft-q0"),
-    pytest.param("python3 ft.py --task ft --model med --mode first,last,middle,lora4,lora16 --dataset xsum,babi "
-                 "--k 0,1,8,64", FT,
-                 {"model": ["med"], "dataset": ["xsum", "babi"], "k": [0, 1, 8, 64],
-                  "mode": ["first", "last", "middle", "lora4", "lora16"]},
-                 marks=pytest.mark.xfail(strict=True, reason=f"{HW3_TASK}; {HW3_LISTS}; --mode takes one mode"),
-                 id="ft-q2"),
-    pytest.param("python3 ft.py --task ft --model med --dataset babi --k 16 --repeats 5 --mode lora16", FT,
-                 {"model": ["med"], "dataset": ["babi"], "k": [16], "repeats": 5, "mode": ["lora16"]},
-                 marks=pytest.mark.xfail(strict=True, reason=HW3_TASK), id="ft-q3"),
-    pytest.param("python3 icl.py --task icl --model med,full --dataset babi --k 0,1,16", ICL,
-                 {"model": ["med", "full"], "dataset": ["babi"], "k": [0, 1, 16], "prompt": ["qa"], "repeats": 1},
-                 marks=pytest.mark.xfail(strict=True, reason=f"{HW3_TASK}; {HW3_LISTS}"), id="icl-q1-babi"),
-    pytest.param("python3 icl.py --task icl --model med --dataset xsum --k 0,1,4 --prompt none,tldr,custom", ICL,
-                 {"model": ["med"], "dataset": ["xsum"], "k": [0, 1, 4], "prompt": ["none", "tldr", "custom"]},
-                 marks=pytest.mark.xfail(strict=True, reason=HW3_TASK), id="icl-q1-xsum"),
-    pytest.param("python3 icl.py --task icl --model med --dataset babi --k 16 --repeats 5", ICL,
-                 {"model": ["med"], "dataset": ["babi"], "k": [16], "repeats": 5},
-                 marks=pytest.mark.xfail(strict=True, reason=HW3_TASK), id="icl-q3"),
-]
-
 # The starter code's defaults (what a handout line that leaves a flag out means) that ours does not
 # share: attribute -> (the course's, ours, why). Every other default of the starter is ours too.
 HW0_COURSE_DEFAULTS = {"test_fraction": 0.05, "num_epochs": 200, "factorization_weight": 0.995,
@@ -186,11 +158,6 @@ def test_hw2_handout_commands(command: str, module: str, expected: dict[str, Any
     assert_means(parse(module, command), expected)
 
 
-@pytest.mark.parametrize(("command", "module", "expected"), HW3_ROWS)
-def test_hw3_handout_commands(command: str, module: str, expected: dict[str, Any]) -> None:
-    assert_means(parse(module, command), expected)
-
-
 def test_hw0_defaults_are_the_courses_but_the_listed_ones() -> None:
     args = parse(HW0, "python main.py")
     for name, course in HW0_COURSE_DEFAULTS.items():
@@ -205,8 +172,6 @@ def test_hw0_defaults_are_the_courses_but_the_listed_ones() -> None:
     (MAML, {"num_way": 5, "num_support": 1, "num_query": 15, "num_inner_steps": 1, "inner_lr": 0.4,
             "learn_inner_lrs": False, "outer_lr": 0.001, "batch_size": 16, "num_train_iterations": 15000,
             "test": False, "checkpoint_step": -1, "log_dir": None}),
-    (FT, {"mode": ["all"], "repeats": 1}),
-    (ICL, {"prompt": ["qa"], "repeats": 1}),
 ])
 def test_defaults_are_the_courses(module: str, defaults: dict[str, Any]) -> None:
     assert_means(parse(module, "python script.py"), defaults)
