@@ -122,20 +122,12 @@ def parse(module: str, command: str) -> argparse.Namespace:
     """``command`` with ``python <course file>`` replaced by ``module``, through its flag parser only."""
     script = importlib.import_module(module)
     argv = shlex.split(command)[2:]
-    parse_args = getattr(script, "parse_args", None) or script.build_parser().parse_args
-    return parse_args(argv)
-
-
-def as_list(value: Any) -> list:
-    """A list flag's values, whether the parser keeps a list or the comma-separated text."""
-    return value.split(",") if isinstance(value, str) else list(value)
+    return script.parse_args(argv)
 
 
 def assert_means(args: argparse.Namespace, expected: dict[str, Any]) -> None:
     for name, value in expected.items():
         got = getattr(args, name)
-        if isinstance(value, list):
-            got = as_list(got)
         assert got == value, f"{name}: {got!r}, the handout means {value!r}"
 
 
