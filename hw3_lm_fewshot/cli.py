@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from common.cli import add_run_args, int_list, positive_int
+from common.device import resolve_device, resolve_precision
 from common.errors import CS330Error
 from common.runlog import runs_root
 from hw3_lm_fewshot.data import TASKS
@@ -82,6 +83,18 @@ def each_run(args: argparse.Namespace, listed: Sequence[str]) -> list[argparse.N
                          f"{len(runs)} runs: leave --log_dir out (each run goes to runs/{HOMEWORK}/<its name>) or "
                          "give one value each")
     return runs
+
+
+def only_run(runs: list[argparse.Namespace]) -> argparse.Namespace:
+    """The one run of a command line (:func:`each_run`); a CS330Error if it asks for several."""
+    if len(runs) > 1:
+        raise CS330Error(f"the command line asks for {len(runs)} runs; parse it with parse_runs")
+    return runs[0]
+
+
+def run_precision(args: argparse.Namespace) -> str:
+    """What ``--precision`` resolves to (``auto``: fp32, whatever the device; see FP32_BECAUSE)."""
+    return resolve_precision(args.precision, resolve_device(args.device), FP32_BECAUSE)[0]
 
 
 def run_dir_for(args: argparse.Namespace, run_name: str) -> Path:

@@ -54,9 +54,11 @@ from hw3_lm_fewshot.cli import (
     add_common_args,
     each_run,
     exits_on_interrupt,
+    only_run,
     parse_k_list,
     result_size_parts,
     run_dir_for,
+    run_precision,
 )
 from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import encode_prompt, generate_answers, truncate_left
@@ -309,17 +311,13 @@ def parse_runs(argv: list[str] | None = None) -> list[argparse.Namespace]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags of a command line that asks for one run (:func:`parse_runs`)."""
-    runs = parse_runs(argv)
-    if len(runs) > 1:
-        raise CS330Error(f"the command line asks for {len(runs)} runs; parse it with parse_runs")
-    return runs[0]
+    return only_run(parse_runs(argv))
 
 
 def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
     """Every flag that changes the result (all but common.cli.RUN_ONLY_FLAGS: device, threads and
     folders), the resolved precision included (resolved here when not given)."""
-    if precision is None:
-        precision = resolve_precision(args.precision, resolve_device(args.device), FP32_BECAUSE)[0]
+    precision = precision or run_precision(args)
     parts = {"model": args.model, "data": args.dataset, "mode": args.mode, "k": "-".join(map(str, args.k)),
              "lr": args.lr, "bs": args.batch_size, "steps": args.max_steps, "every": args.eval_every,
              "min": args.min_steps, "stop": args.early_stop_acc, "len": args.max_length}

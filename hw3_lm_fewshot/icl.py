@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from common.cli import positive_int
-from common.device import autocast, resolve_device, resolve_precision, setup_compute
+from common.device import autocast, setup_compute
 from common.errors import CS330Error, cli_main
 from common.memory import peak_memory_mb, reset_peak_memory
 from common.run import RunFolder
@@ -41,9 +41,11 @@ from hw3_lm_fewshot.cli import (
     add_common_args,
     each_run,
     exits_on_interrupt,
+    only_run,
     parse_k_list,
     result_size_parts,
     run_dir_for,
+    run_precision,
 )
 from hw3_lm_fewshot.data import TaskData, load_task, sample_support
 from hw3_lm_fewshot.generation import generate_answers, next_token_logits, prefix_cache
@@ -214,18 +216,14 @@ def parse_runs(argv: list[str] | None = None) -> list[argparse.Namespace]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags of a command line that asks for one run (:func:`parse_runs`)."""
-    runs = parse_runs(argv)
-    if len(runs) > 1:
-        raise CS330Error(f"the command line asks for {len(runs)} runs; parse it with parse_runs")
-    return runs[0]
+    return only_run(parse_runs(argv))
 
 
 def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
     """Every flag that changes the result (all but common.cli.RUN_ONLY_FLAGS and ``--batch_size``,
     whose batches give the answers of one query at a time), the resolved precision included
     (resolved here when not given)."""
-    if precision is None:
-        precision = resolve_precision(args.precision, resolve_device(args.device), FP32_BECAUSE)[0]
+    precision = precision or run_precision(args)
     parts = {"model": args.model, "data": args.dataset, "prompt": "-".join(args.prompt),
              "k": "-".join(map(str, args.k)), "support": args.support, "orders": args.orderings}
     return build_run_name("icl", {**parts, **result_size_parts(args), "prec": precision, "seed": args.seed}
