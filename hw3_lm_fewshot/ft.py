@@ -305,7 +305,7 @@ def parse_runs(argv: list[str] | None = None) -> list[argparse.Namespace]:
         args.model = args.model or ("minilm" if amazon else "smollm2")
         args.lr = args.lr or (1e-3 if kind == "lora" else 1e-4)
         args.max_length = min(args.max_length, 100) if amazon else args.max_length
-        args.prompt_format = args.prompt_format or DEFAULT_PROMPT.get(args.dataset, "none")
+        args.prompt_format = args.prompt_format or DEFAULT_PROMPT.get(args.dataset)  # None: amazon reads no prompt
     return runs
 
 
