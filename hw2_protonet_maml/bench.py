@@ -79,12 +79,10 @@ def maml_variants(args, device, episodes) -> tuple[MAML, dict[str, tuple[str, Ca
         return model
 
     models: list[MAML] = []
-    before = build(channels_last=False)
-    fp32, fp32_compiled = build(), build(compile_query=True)
+    before, fp32_compiled = build(), build(compile_query=True)
     variants = {
         "reference loop (autograd.grad)": ("fp32", lambda: reference_maml_loss(before, episodes)),
         "before: fp32, task loop": ("fp32", lambda: before(episodes)[0]),
-        "fp32, channels-last": ("fp32", lambda: fp32(episodes)[0]),
         "fp32, compiled query": ("fp32", lambda: fp32_compiled(episodes)[0]),
     }
     if args.vmap:

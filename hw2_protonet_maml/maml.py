@@ -84,22 +84,22 @@ def _xavier(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.
 
 
 def maml_forward(params: dict[str, torch.Tensor], images: torch.Tensor, stride: int = 1,
-                 compute_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+                 compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``[M, 1, S, S]`` -> logits ``[M, N]``: 4 x [conv 3x3, batch norm, ReLU], spatial mean, linear head.
 
     Batch norm always uses the statistics of the images passed in (no running statistics), as in
     the course and the MAML paper: the support and query sets are normalized separately.
     ``stride=2`` is the paper's strided network, about 4x cheaper than the course's ``stride=1``.
 
-    The two keywords are for speed and leave the function the same up to rounding:
-    ``channels_last`` lays activations out as oneDNN's convolutions prefer (NHWC), and
-    ``compute_dtype=torch.bfloat16`` runs the body in bf16 (oneDNN uses AMX where the CPU has it)
-    on bf16 copies of the weights, so gradients still flow back to the float32 weights; the
-    spatial mean accumulates in float32 and the head runs in the weights' own precision.
+    ``compute_dtype=torch.bfloat16`` is for speed and leaves the function the same up to rounding:
+    the body runs in bf16 on bf16 copies of the weights (so gradients still flow back to the float32
+    weights), channels-last, the layout oneDNN's bf16 convolutions need to use AMX (in fp32 it
+    measured no faster); the spatial mean accumulates in float32 and the head runs in the weights'
+    own precision.
     """
-    x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    x = images
     if compute_dtype is not None:
-        x = x.to(compute_dtype)
+        x = x.to(compute_dtype, memory_format=torch.channels_last)
     for i in range(NUM_CONV_LAYERS):
         weight, bias = params[f"conv{i}"], params[f"b{i}"]
         if compute_dtype is not None:
@@ -119,11 +119,11 @@ class MAML(nn.Module):
     Fast without changing the maths (the tests compare meta-gradients with the plain loop):
     - the inner loop is ``torch.func.grad`` on the functional network, always in float32 (the
       weights' precision), because the second-order term amplifies bf16 rounding there;
-    - activations are channels-last (``channels_last``), the layout oneDNN's convolutions prefer;
     - tasks run in a loop by default; ``vmap_tasks`` vmaps the per-task computation over the meta-batch
       (one grouped convolution for all tasks);
     - ``precision="bf16"`` runs the query pass (75 of the 80 images a task sees) in bf16 on bf16
-      copies of the float32 weights; the inner loop's gradients and updates stay float32. The model
+      copies of the float32 weights, channels-last; the inner loop's gradients and updates stay
+      float32. The model
       sets its own precision: an outer autocast does not reach it;
     - ``compile_query`` runs the query pass (the part needing only a first-order backward) through
       ``torch.compile``, which fuses batch norm + ReLU; it cannot compile the inner loop's double
@@ -139,7 +139,7 @@ class MAML(nn.Module):
                  learn_inner_lrs: bool = False, first_order: bool = False, hidden_channels: int = 64,
                  conv_stride: int = 1, seed: int = 0, vmap_tasks: bool = False,
                  compile_query: bool = False, eval_num_inner_steps: int | None = None,
-                 precision: str = "fp32", channels_last: bool = True) -> None:
+                 precision: str = "fp32") -> None:
         super().__init__()
         if compile_query and vmap_tasks:
             raise ValueError("compile_query applies to the per-task loop; it cannot be combined with vmap_tasks")
@@ -158,7 +158,6 @@ class MAML(nn.Module):
         self.conv_stride = conv_stride
         self.vmap_tasks = vmap_tasks
         self.query_dtype = torch.bfloat16 if precision == "bf16" else None
-        self.channels_last = channels_last and not vmap_tasks  # a memory format is per tensor, not per vmap slice
         # dynamic=False: a new shape (another K or Q at test) recompiles once.
         self.query_forward = torch.compile(maml_forward, dynamic=False) if compile_query else maml_forward
 
@@ -171,7 +170,7 @@ class MAML(nn.Module):
         last one, ``[num_steps + 1]``.
         """
         def support_loss(p):
-            logits = maml_forward(p, images, self.conv_stride, channels_last=self.channels_last)
+            logits = maml_forward(p, images, self.conv_stride)
             return F.cross_entropy(logits, labels), logits
 
         accuracies = []
@@ -182,7 +181,7 @@ class MAML(nn.Module):
                 grads = {k: g.detach() for k, g in grads.items()}
             params = {k: p - self.inner_lrs[k] * grads[k] for k, p in params.items()}
         with torch.no_grad():  # a metric only, so in the query pass's precision
-            logits = maml_forward(params, images, self.conv_stride, self.query_dtype, self.channels_last)
+            logits = maml_forward(params, images, self.conv_stride, self.query_dtype)
             accuracies.append(accuracy(logits, labels))
         return params, torch.stack(accuracies)
 
@@ -192,7 +191,7 @@ class MAML(nn.Module):
         """One task: adapt on the support set, score on the query set -> (loss, support accs, query acc)."""
         with torch.autocast(query.device.type, enabled=False):
             adapted, support_accs = self.inner_adapt(params, support, support_labels, num_steps)
-            logits = self.query_forward(adapted, query, self.conv_stride, self.query_dtype, self.channels_last)
+            logits = self.query_forward(adapted, query, self.conv_stride, self.query_dtype)
             return F.cross_entropy(logits, query_labels), support_accs, accuracy(logits, query_labels)
 
     def forward(self, episodes: Episodes, num_inner_steps: int | None = None,
