@@ -13,17 +13,18 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 
 # isort: split
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from common.device import setup_compute
+from common.device import resolve_device, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.omniglot import Episodes
-from common.runlog import build_run_name
 from common.seeding import seed_everything
+from hw2_protonet_maml import training
 from hw2_protonet_maml.training import (
     MetaTrainer,
     TrainSettings,
@@ -141,22 +142,33 @@ class ANIL(nn.Module):
 
 
 # ---------------------------------------------------------------------------- script
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_episode_args(parser, num_support=1, num_train_iterations=15000)
     add_inner_loop_args(parser, "anil")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     check_drawings(parser, args)
     check_inner_loop_args(parser, args)
     return args
 
 
+def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
+    """The run's folder, named by every hyper-parameter; ``precision``: the resolved ``--precision``
+    (resolved here, quietly, when not given)."""
+    precision = precision or resolve_precision(args.precision, resolve_device(args.device))[0]
+    return training.run_folder(args, "anil", inner_loop_run_params(args, precision))
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, precision = setup_compute(args.device, args.precision, args.threads)
-    run_name = build_run_name("anil", inner_loop_run_params(args, precision))
-    settings = TrainSettings.from_args(args, device, precision, run_name)
+    settings = TrainSettings.from_args(args, device, precision, run_folder(args, precision))
     seed_everything(args.seed)
     model = ANIL(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.first_order,
                  args.num_filters, args.conv_stride, seed=args.seed, eval_num_inner_steps=args.eval_num_inner_steps)

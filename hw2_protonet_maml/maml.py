@@ -14,17 +14,18 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 # isort: split
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from common.device import setup_compute
+from common.device import resolve_device, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.omniglot import Episodes
-from common.runlog import build_run_name
 from common.seeding import seed_everything
+from hw2_protonet_maml import training
 from hw2_protonet_maml.training import (
     MetaTrainer,
     TrainSettings,
@@ -213,6 +214,10 @@ class MAML(nn.Module):
 
 
 # ---------------------------------------------------------------------------- script
+# Where --precision auto means bf16 (the query pass only): measured faster only on CPUs with AMX (README).
+BF16_WHERE = ("AMX",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_episode_args(parser, num_support=1, num_train_iterations=15000)
@@ -237,16 +242,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
+    """The run's folder, named by every hyper-parameter; ``precision``: the resolved ``--precision``
+    (resolved here, quietly, when not given)."""
+    precision = precision or resolve_precision(args.precision, resolve_device(args.device), bf16_where=BF16_WHERE)[0]
+    return training.run_folder(args, "maml", inner_loop_run_params(args, precision))
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # bf16 (the query pass only) was measured faster only on CPUs with AMX (README); elsewhere auto is fp32.
-    device, precision = setup_compute(args.device, args.precision, args.threads, bf16_where=("AMX",))
+    device, precision = setup_compute(args.device, args.precision, args.threads, bf16_where=BF16_WHERE)
     compile_query = args.compile_query
     if compile_query is None:
         compile_query = precision == "bf16" and device.type == "cpu" and not args.vmap_tasks
-    run_name = build_run_name("maml", inner_loop_run_params(args, precision))
-    settings = TrainSettings.from_args(args, device, precision, run_name)
+    settings = TrainSettings.from_args(args, device, precision, run_folder(args, precision))
     seed_everything(args.seed)
     model = MAML(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.first_order,
                  args.num_filters, args.conv_stride, seed=args.seed, vmap_tasks=args.vmap_tasks,

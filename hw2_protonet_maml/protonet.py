@@ -12,17 +12,18 @@ import common.openmp  # noqa: F401  (first: it sets OpenMP's wait policy before 
 
 # isort: split
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.cli import learning_rate, positive_int
-from common.device import setup_compute
+from common.device import resolve_device, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.omniglot import Episodes
-from common.runlog import build_run_name
 from common.seeding import seed_everything
+from hw2_protonet_maml import training
 from hw2_protonet_maml.training import (
     MetaTrainer,
     TrainSettings,
@@ -137,15 +138,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
+    """The run's folder, named by every hyper-parameter; ``precision``: the resolved ``--precision``
+    (resolved here, quietly, when not given)."""
+    precision = precision or resolve_precision(args.precision, resolve_device(args.device))[0]
+    return training.run_folder(args, "protonet", {
+        "proto": args.protocol, "way": args.train_num_way or args.num_way, "shot": args.num_support,
+        "query": args.num_query, "batch": args.batch_size, "lr": args.learning_rate, "bn": args.eval_bn,
+        "prec": precision, "seed": args.seed})
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, precision = setup_compute(args.device, args.precision, args.threads)
-    train_way = args.train_num_way or args.num_way
-    run_name = build_run_name("protonet", {
-        "proto": args.protocol, "way": train_way, "shot": args.num_support, "query": args.num_query,
-        "batch": args.batch_size, "lr": args.learning_rate, "bn": args.eval_bn, "prec": precision, "seed": args.seed})
-    settings = TrainSettings.from_args(args, device, precision, run_name, train_num_way=train_way)
+    settings = TrainSettings.from_args(args, device, precision, run_folder(args, precision),
+                                       train_num_way=args.train_num_way or args.num_way)
     seed_everything(args.seed)  # before the model is built: its initial weights depend on the seed
     model = ProtoNet(eval_bn=args.eval_bn)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)

@@ -31,7 +31,7 @@ from common.errors import CS330Error
 from common.limits import check_fits
 from common.omniglot import NUM_DRAWINGS, PROTOCOLS, Episodes, EpisodeSampler, OmniglotStore
 from common.run import RunFolder
-from common.runlog import RunLogger, runs_root, write_json
+from common.runlog import RunLogger, build_run_name, resolve_run_dir, write_json
 from common.stats import mean_ci95
 
 HOMEWORK = "hw2_protonet_maml"
@@ -137,11 +137,20 @@ def check_inner_loop_args(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def inner_loop_run_params(args: argparse.Namespace, precision: str) -> dict:
-    """The hyper-parameters that name a MAML/ANIL run folder."""
+    """The hyper-parameters that name a MAML/ANIL run folder (the evaluation's inner steps only where
+    they differ from training's, so that default folder names stay as they were)."""
+    eval_steps = args.eval_num_inner_steps
     return {"proto": args.protocol, "way": args.num_way, "shot": args.num_support, "query": args.num_query,
-            "batch": args.batch_size, "steps": args.num_inner_steps, "ilr": args.inner_lr,
-            "learnilr": int(args.learn_inner_lrs), "olr": args.outer_lr, "fo": int(args.first_order),
-            "filt": args.num_filters, "stride": args.conv_stride, "prec": precision, "seed": args.seed}
+            "batch": args.batch_size, "steps": args.num_inner_steps,
+            **({"evalsteps": eval_steps} if eval_steps not in (None, args.num_inner_steps) else {}),
+            "ilr": args.inner_lr, "learnilr": int(args.learn_inner_lrs), "olr": args.outer_lr,
+            "fo": int(args.first_order), "filt": args.num_filters, "stride": args.conv_stride, "prec": precision,
+            "seed": args.seed}
+
+
+def run_folder(args: argparse.Namespace, prefix: str, params: dict) -> Path:
+    """``--log_dir``, or ``runs/hw2_protonet_maml/<prefix>_<params>`` (the run name built from ``params``)."""
+    return resolve_run_dir(args.log_dir, HOMEWORK, build_run_name(prefix, params))
 
 
 @dataclass(frozen=True)
@@ -169,10 +178,8 @@ class TrainSettings:
     resume: bool
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device, precision: str, run_name: str,
+    def from_args(cls, args: argparse.Namespace, device: torch.device, precision: str, run_dir: Path,
                   train_num_way: int | None = None) -> TrainSettings:
-        """``run_name`` names the default run folder, ``runs/hw2_protonet_maml/<run_name>``."""
-        run_dir = Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
         return cls(
             train_num_way=train_num_way or args.num_way, num_support=args.num_support, num_query=args.num_query,
             batch_size=args.batch_size, protocol=args.protocol, num_train_iterations=args.num_train_iterations,
