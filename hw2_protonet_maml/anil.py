@@ -75,8 +75,8 @@ class ANIL(nn.Module):
     Cheaper than MAML by construction: the body runs once per image whatever the number of inner
     steps, and the inner loop differentiates only through the head (``torch.func.grad``, vmapped over
     tasks: a [N*K, C] x [C, N] product each). The body runs one task at a time: batch-norm statistics
-    are per task (as MAML's), and one pass over the whole meta-batch with per-task statistics measured
-    1.5-2x slower on a 2-core CPU (per-task activations stay in cache).
+    are per task (as MAML's); one pass over the whole meta-batch with per-task statistics measured
+    slower (hw2 README, "Grid sizes").
     """
 
     per_task_eval = False  # batch-norm statistics are per task already

@@ -1,7 +1,7 @@
 """The hw2 experiments: ProtoNet task composition and MAML inner-loop settings, with tables and plots.
 
     python hw2_protonet_maml/experiments.py --preset cpu --dry_run   # what would run, and what is done
-    python hw2_protonet_maml/experiments.py --preset cpu             # about an hour on 2 CPU cores
+    python hw2_protonet_maml/experiments.py --preset cpu             # run times: README, "Grid sizes"
     python hw2_protonet_maml/experiments.py --preset course --device cuda
 
 - ProtoNet, task composition: trained (and validated) on tasks of N_train in {5, 10, 20} classes with
@@ -11,13 +11,8 @@
   per-parameter rates started at 0.4; each model meta-tested with K = 1, 2, 4, 6, 8, 10 support
   examples (10 queries per class).
 Presets: ``course`` = the course's 5000 ProtoNet / 15000 MAML iterations with the course network;
-``cpu`` = 300 / 1000 iterations, MAML with ``--conv_stride 2``. Sizing: an iteration of the six ProtoNet
-compositions together costs about 17x one 5-way 1-shot iteration (measured), i.e. about 3.4 s at the
-README's 0.2 s (bf16, 2 quiet cores); the four MAML settings about 1.4 s strided (README 2.5 s for
-the course network, about 10x less strided; 5 inner steps cost 2.5x one): about 45 min in all. On one
-thread of the shared CPU the smoke run measured 1.3 s per 5-way 1-shot ProtoNet iteration (6x the
-README's figure) and 0.6 s per strided MAML iteration (2.3x), which would make ``cpu`` about 3 h there.
-``smoke`` (``--quick``) = a few iterations, to check the pipeline (9.5 min on one shared thread).
+``cpu`` = 300 / 1000 iterations, MAML with ``--conv_stride 2``.
+``smoke`` (``--quick``) = a few iterations, to check the pipeline.
 Every run is ``protonet.py`` / ``maml.py`` in ``runs/hw2_protonet_maml/experiments/<preset>/<name>``
 (see common/grid.py: finished runs are reused, killed ones resumed). Writes ``results.md``,
 ``results.json``, ``protonet_composition.png``, ``accuracy_vs_k.png`` and ``val_curves.png``.
