@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -60,3 +61,14 @@ def omniglot_store(omniglot_data_dir):
     from common.omniglot import OmniglotStore
 
     return OmniglotStore.load(omniglot_data_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (extra threads only add overhead and contend with other
+    jobs); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``, and the
+    setting is restored for the other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -48,13 +48,7 @@ def fit(model: torch.nn.Module, train: Ratings, params: list[torch.nn.Parameter]
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add overhead (and contend with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def rmse(model: torch.nn.Module, ratings: Ratings) -> float:

@@ -34,14 +34,7 @@ from hw3_lm_fewshot.modes import apply_mode, lora_target_regex, selected_blocks
 from hw3_lm_fewshot.prompts import MAX_NEW_TOKENS, build_prompt, encode_queries, label_candidates, ordered_support
 from tests.test_hw3_unit import write_tiny_data
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These small models run faster on one thread; restore the setting for the other test modules."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def installed(dist: str) -> bool:

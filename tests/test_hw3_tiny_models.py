@@ -136,12 +136,7 @@ PROJECTIONS = {"gpt2": {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"},
 PARTIAL = {"first": (0, 1), "middle": (1, 2), "last": (2, 3)}  # of 4 blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def load(folder: Path, classifier: bool):
