@@ -2,15 +2,17 @@
 
     torchrun --standalone --nproc_per_node=2 hw2_protonet_maml/maml.py ...
 
-``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in each process it starts;
-:func:`init_from_env` reads them and joins the process group (gloo on CPU, NCCL on CUDA with rank
-r on ``cuda:LOCAL_RANK``). Without them (a plain ``python script.py``) it does nothing, and every
-helper here is then the identity: the single-process path runs exactly the code it ran before.
+A training script holds one :class:`DataParallel` (at the end of this file): its share of each
+batch, the gradient sync, the strided evaluation, rank 0's run folder. ``torchrun`` sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` in each process it starts; :func:`init_from_env` reads them and
+joins the process group (gloo on CPU, NCCL on CUDA with rank r on ``cuda:LOCAL_RANK``). Without
+them (a plain ``python script.py``) it does nothing, and every method of ``DataParallel`` is then
+the identity or the plain call.
 
 Why not ``DistributedDataParallel``: MAML's inner loop is functional (``torch.func.grad`` over a
 dict of tensors taken from the module's parameters), and DDP's autograd hooks on module parameters
 do not mix with it (learn2learn issue #170). Averaging the gradients with one all-reduce after
-``backward()`` (:func:`average_gradients`) is exact and short.
+``backward()`` (:meth:`DataParallel.sync`) is exact and short.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from common.checkpoint import non_finite_tensors
+from common.checkpoint import load_checkpoint, non_finite_tensors
 from common.errors import CS330Error
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -91,16 +95,16 @@ def destroy(world: World) -> None:
 
 
 # ---------------------------------------------------------------------------- training
-def check_batch_split(batch_size: int, world: World) -> None:
-    """Each process trains on an equal share of every meta-batch: refuse a split that is not even
-    (rank 0 says why, the others exit with the same status)."""
+def check_batch_split(batch_size: int, world: World, flag: str = "--batch_size") -> None:
+    """Each process trains on an equal share of every (meta-)batch: refuse a split that is not even
+    (rank 0 says why, naming ``flag``; the others exit with the same status)."""
     if batch_size % world.world_size:
         if not world.is_main:
             leave_after_main(2)
         n = world.world_size
         fits = ", ".join(str(k) for k in range(1, batch_size + 1) if batch_size % k == 0)
-        raise CS330Error(f"--batch_size {batch_size} is not divisible by the {n} processes; every process trains on "
-                         f"an equal share of each meta-batch, so choose a multiple of {n} (e.g. --batch_size "
+        raise CS330Error(f"{flag} {batch_size} is not divisible by the {n} processes; every process trains on "
+                         f"an equal share of each batch, so choose a multiple of {n} (e.g. {flag} "
                          f"{-(-batch_size // n) * n}) or run {fits} processes")
 
 
@@ -124,70 +128,6 @@ def shard(start: int, stop: int, world: World) -> slice:
         raise ValueError(f"{length} items cannot be split evenly over {world.world_size} processes")
     size = length // world.world_size
     return slice(start + world.rank * size, start + (world.rank + 1) * size)
-
-
-def average_gradients(params: Iterable[nn.Parameter], world: World) -> None:
-    """Replace every ``.grad`` by its mean over the ranks (call after ``backward()``).
-
-    With equal shards, the mean of the ranks' mean-over-tasks gradients is the gradient of the mean
-    over all tasks, i.e. the single-process gradient. Every rank runs the same model code, so every
-    rank has gradients for the same parameters; they travel as one flat buffer (one collective).
-    """
-    if not world.enabled:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world.world_size
-    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(averaged.view_as(g))
-
-
-def mean_over_ranks(values: dict[str, torch.Tensor], world: World) -> dict[str, float]:
-    """Scalars averaged over the ranks (each rank's value is a mean over an equal share of tasks,
-    so this is the mean over all tasks), as Python floats, identical on every rank."""
-    if not world.enabled:
-        return {k: v.item() for k, v in values.items()}
-    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])  # [num_values]
-    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-    return dict(zip(values, (stacked / world.world_size).tolist()))
-
-
-# ---------------------------------------------------------------------------- objects
-def gather_lists(items: list[T], world: World) -> list[T]:
-    """Every rank's ``items`` concatenated in rank order, on every rank (``all_gather_object``: small
-    Python objects such as per-task metric lists; tensors in them should be on the CPU)."""
-    if not world.enabled:
-        return items
-    gathered: list[list[T] | None] = [None] * world.world_size
-    dist.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
-
-
-def run_on_main(fn: Callable[[], T], world: World, share: bool = False) -> T | None:
-    """Run ``fn`` on rank 0 alone (opening the run folder, reading a checkpoint); every rank learns
-    whether it failed, so none is left waiting in a collective.
-
-    Returns ``fn()`` on rank 0; on the others the same value sent by ``broadcast_object_list`` when
-    ``share`` (tensors should be on the CPU), else None. When ``fn`` raises on rank 0, rank 0
-    re-raises (``cli_main`` prints the one error line) and the other ranks exit quietly after it with
-    the same status: exit 2 for a :class:`CS330Error`, 1 for anything else.
-    """
-    if not world.enabled:
-        return fn()
-    result, failure, status = None, None, 0
-    if world.is_main:
-        try:
-            result = fn()
-        except Exception as err:
-            failure, status = err, 2 if isinstance(err, CS330Error) else 1
-    message = [status, result if share and not status else None]
-    dist.broadcast_object_list(message, src=0)
-    if failure is not None:
-        raise failure
-    if message[0]:
-        leave_after_main(message[0])
-    return result if world.is_main else message[1]
 
 
 # ---------------------------------------------------------------------------- ranks other than 0
@@ -281,9 +221,188 @@ def bn_replay(layers: list[nn.modules.batchnorm._BatchNorm], before: list[tuple[
         m.num_batches_tracked.copy_(count)
 
 
-def bn_sync(layers: list[nn.modules.batchnorm._BatchNorm], before: list[tuple[torch.Tensor, ...]],
-            world: World) -> None:
-    """After each rank ran its contiguous share of the tasks: every rank's statistics become those one
-    process would hold after all the tasks in order (rank order is task order)."""
-    if layers and world.enabled:
-        bn_replay(layers, before, gather_lists([bn_update_since(layers, before)], world))
+# ---------------------------------------------------------------------------- the one object a script holds
+class DataParallel:
+    """A training script's data parallelism in one object (hw1, hw2 and hw3 hold one)::
+
+        parallel = DataParallel.join(device, batch_size=args.batch_size)  # torchrun's group, if any
+        run = parallel.open_run(lambda: RunFolder.open(run_dir, hparams))  # rank 0's; a FollowerRun elsewhere
+        for step in steps:
+            batch = parallel.my_share(sampler.sample(batch_size))        # this rank's tasks, [B/N, ...]
+            loss = model_loss(model, batch)
+            means = parallel.mean({"loss": loss})                         # whole-batch means, on every rank
+            loss.backward(); parallel.sync(model)                         # the whole batch's gradient
+            optimizer.step()
+        scores = parallel.evaluate(batches, score)                        # batches r, r+N, ..., gathered in order
+        parallel.close()
+
+    In one process (a plain ``python script.py``, or ``DataParallel(World())``) every method is the
+    identity or the plain call, so the single-process path runs exactly the code it would run without
+    this class.
+    """
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self._bn: list[nn.modules.batchnorm._BatchNorm] = []
+        self._bn_before: list[tuple[torch.Tensor, ...]] = []
+
+    @classmethod
+    def join(cls, device: torch.device, batch_size: int | None = None, batch_flag: str = "--batch_size",
+             ) -> DataParallel:
+        """Join the process group torchrun describes (nothing for one process) and check that every
+        ``batch_size`` batch splits evenly over the processes."""
+        world = init_from_env(device)
+        if batch_size is not None:
+            check_batch_split(batch_size, world, batch_flag)
+        return cls(world)
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's device (under torchrun, ``cuda`` becomes ``cuda:LOCAL_RANK``)."""
+        return self.world.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.is_main
+
+    @property
+    def processes_note(self) -> str:
+        """``" (N processes)"`` under torchrun, else empty: for a script's first log line."""
+        return f" ({self.world.world_size} processes)" if self.world.enabled else ""
+
+    # ------------------------------------------------------------ what rank 0 does
+    def on_main(self, fn: Callable[[], T], share: bool = False) -> T | None:
+        """Run ``fn`` on rank 0 alone (opening the run folder, reading a checkpoint); every rank learns
+        whether it failed, so none is left waiting in a collective.
+
+        Returns ``fn()`` on rank 0; on the others the same value sent by ``broadcast_object_list`` when
+        ``share`` (tensors should be on the CPU), else None. When ``fn`` raises on rank 0, rank 0
+        re-raises (``cli_main`` prints the one error line) and the other ranks exit quietly after it
+        with the same status: exit 2 for a :class:`CS330Error`, 1 for anything else.
+        """
+        if not self.world.enabled:
+            return fn()
+        result, failure, status = None, None, 0
+        if self.world.is_main:
+            try:
+                result = fn()
+            except Exception as err:
+                failure, status = err, 2 if isinstance(err, CS330Error) else 1
+        message = [status, result if share and not status else None]
+        dist.broadcast_object_list(message, src=0)
+        if failure is not None:
+            raise failure
+        if message[0]:
+            leave_after_main(message[0])
+        return result if self.world.is_main else message[1]
+
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """``fn`` on rank 0 first (it may download and cache; a refusal is one error line), then on
+        the other ranks (which read rank 0's cache)."""
+        result = self.on_main(fn)
+        return result if self.world.is_main else fn()
+
+    def open_run(self, open_folder: Callable[[], T]) -> T | FollowerRun:
+        """Rank 0 opens the run folder (lock, resume rules); a refusal stops every rank. The other ranks
+        get a :class:`FollowerRun`, which writes nothing but stops where rank 0 stops."""
+        run = self.on_main(open_folder)
+        return run if self.world.is_main else FollowerRun()
+
+    @property
+    def checkpoint_location(self) -> str | torch.device:
+        """Where checkpoints are loaded: the device, or the CPU when rank 0 sends them to the others."""
+        return "cpu" if self.world.enabled else self.world.device
+
+    def read_checkpoint(self, run_dir: Path, step: int = -1) -> dict[str, Any]:
+        """Rank 0 reads the checkpoint (the run folder may be on its machine only) and sends it."""
+        return self.on_main(lambda: load_checkpoint(run_dir, step, self.checkpoint_location), share=True)
+
+    def resume_state(self, run: Any, model: nn.Module) -> dict[str, Any] | None:
+        """The checkpoint ``run`` continues from (None for a fresh run), read by rank 0, on every rank."""
+        return self.on_main(lambda: run.resume_state(map_location=self.checkpoint_location, model=model),
+                            share=True)
+
+    # ------------------------------------------------------------ training
+    def track_batch_norm(self, model: nn.Module) -> None:
+        """Keep ``model``'s batch-norm running statistics as one process running every task in order
+        would (see :meth:`sync`); models without running statistics need not call this."""
+        self._bn = bn_layers(model) if self.world.enabled else []
+
+    def my_share(self, batch: T) -> T:
+        """This rank's equal, contiguous share of a batch (all of it for one process): rank r of N takes
+        items [r*B/N, (r+1)*B/N), so the shares in rank order are the batch. ``batch``: a list, or a
+        tuple of tensors (``Episodes``, ``TaskBatch``) with the item on dim 0."""
+        self._bn_before = bn_snapshot(self._bn)
+        if not self.world.enabled:
+            return batch
+        if isinstance(batch, list):
+            return batch[shard(0, len(batch), self.world)]
+        items = shard(0, batch[0].shape[0], self.world)
+        return type(batch)(*(t[items] for t in batch))
+
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Scalars averaged over the ranks (each rank's value is a mean over an equal share, so this is
+        the mean over the whole batch), as Python floats, identical on every rank."""
+        if not self.world.enabled:
+            return {k: v.item() for k, v in values.items()}
+        stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])  # [num_values]
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        return dict(zip(values, (stacked / self.world.world_size).tolist()))
+
+    def sync(self, model: nn.Module | Iterable[nn.Parameter]) -> None:
+        """After ``backward()``: every ``.grad`` becomes its mean over the ranks, and tracked batch-norm
+        statistics those of one process that ran every rank's share in order (:func:`bn_replay`; after
+        backward, because batch norm's backward may read the statistics it saved).
+
+        With equal shares, the mean of the ranks' mean-over-tasks gradients is the gradient of the mean
+        over all tasks, i.e. the single-process gradient. Every rank runs the same model code, so every
+        rank has gradients for the same parameters; they travel as one flat buffer (one collective).
+        """
+        if not self.world.enabled:
+            return
+        params = model.parameters() if isinstance(model, nn.Module) else model
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world.world_size
+        for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(averaged.view_as(g))
+        if self._bn:
+            bn_replay(self._bn, self._bn_before, self.gather([bn_update_since(self._bn, self._bn_before)]))
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, batches: Iterable[T], score: Callable[[T], R]) -> list[R]:
+        """``score(batch)`` of every batch, in batch order, on every rank: rank r scores batches r, r+N,
+        r+2N, ... whole, yet draws every batch (so a sampler ends where one process's ends), and the
+        results are gathered back in order (through ``all_gather_object``: put tensors on the CPU).
+        Tracked batch-norm statistics end as one process would leave them."""
+        start = bn_snapshot(self._bn)
+        mine = []  # (batch index, score, batch-norm update) of this rank's batches
+        for index, batch in enumerate(batches):
+            if index % self.world.world_size != self.world.rank:
+                continue
+            before = bn_snapshot(self._bn)
+            mine.append((index, score(batch), bn_update_since(self._bn, before)))
+        gathered = sorted(self.gather(mine), key=lambda item: item[0])
+        if self._bn:
+            bn_replay(self._bn, start, [update for _, _, update in gathered])
+        return [result for _, result, _ in gathered]
+
+    def my_portion(self, num_items: int) -> slice:
+        """This rank's contiguous part of ``num_items`` items whose number need not divide evenly
+        (parts differ by at most one item; in rank order they are the items): for :meth:`gather`."""
+        bounds = [round(i * num_items / self.world.world_size) for i in range(self.world.world_size + 1)]
+        return slice(bounds[self.world.rank], bounds[self.world.rank + 1])
+
+    def gather(self, items: list[T]) -> list[T]:
+        """Every rank's ``items`` concatenated in rank order, on every rank (``all_gather_object``:
+        small Python objects such as per-task metric lists; tensors in them should be on the CPU)."""
+        if not self.world.enabled:
+            return items
+        gathered: list[list[T] | None] = [None] * self.world.world_size
+        dist.all_gather_object(gathered, items)
+        return [item for part in gathered for item in part]
+
+    def close(self) -> None:
+        """Leave the process group, all ranks together (:func:`destroy`)."""
+        destroy(self.world)

@@ -32,6 +32,7 @@ import fcntl
 import fnmatch
 import gc
 import importlib
+import io
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from common.cli import positive_int
 from common.device import DEVICE_CHOICES, PRECISION_CHOICES
 from common.errors import CS330Error, disk_full_error, is_disk_full
 from common.readback import read_json
-from common.runlog import runs_root, write_json, write_text
+from common.runlog import runs_root, write_bytes, write_json, write_text
 
 MainFunction = Callable[[list[str]], Any]
 # The grid's flags (each with a value) that say where a run computes, not what: a finished configuration
@@ -332,3 +333,15 @@ def run_experiments(args: argparse.Namespace, homework: str, configs: Sequence[C
             print(f"  {name}: {reason}")
         raise SystemExit(1)
     return frame
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out a matplotlib figure, write it to ``path`` (its suffix is the format; 120 dpi) atomically,
+    and free it."""
+    import matplotlib.pyplot as plt  # here, not at the top: the experiment scripts choose the backend
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())

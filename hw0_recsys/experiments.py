@@ -44,7 +44,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.errors import CS330Error, cli_main  # noqa: E402
-from common.grid import Config, grid_parser, lookup, ran_with, run_experiments  # noqa: E402
+from common.grid import Config, grid_parser, lookup, ran_with, run_experiments, save_figure  # noqa: E402
 from common.readback import describe, read_torch  # noqa: E402
 from common.runlog import scalar_curve  # noqa: E402
 from common.stats import mean_ci95  # noqa: E402
@@ -240,9 +240,7 @@ def course_section(frame: pd.DataFrame, sizes: dict, out: Path) -> str:
     epochs, lr = (ran_with(frame, runs["name"], flag, planned) for flag, planned in (
         ("num_epochs", sizes["epochs"]), ("lr", float(COURSE_LR))))
     fig.suptitle(f"Multi-task model on the 95/5 random split of ml-100k, {epochs} epochs, lr {lr}")
-    fig.tight_layout()
-    fig.savefig(out / "course_grid.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "course_grid.png")
     return (f"## Course grid (multi-task model, random 95/5 split, {epochs} epochs, lr {lr}; "
             "final values mean ± std over seeds; best = best evaluated epoch of the mean curve; "
             "wd = Adam weight decay; early stopping: test metrics of the epochs chosen on a validation slice)\n\n"
@@ -328,9 +326,7 @@ def folds_section(frame: pd.DataFrame, out: Path, data_dir: str | None = None, b
     axis.set_ylim(0.85, float(table.max().max()) + 0.02)
     axis.set_ylabel("test RMSE")
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(out / "folds_rmse.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "folds_rmse.png")
     text = ("## 5-fold RMSE on the official u1..u5 folds (a blend's train s: all its runs, probe runs included)\n\n"
             + pd.DataFrame(summary).to_markdown(index=False, floatfmt=".4f"))
     if bellkor:

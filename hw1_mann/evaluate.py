@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from common.distributed import DataParallel, World
 from common.stats import mean_ci95
 from hw1_mann.data import CourseBatch, SantoroBatch, TaskBatch, TaskSampler
 from hw1_mann.models import query_loss, santoro_loss
@@ -46,24 +47,34 @@ def batch_scores(model: nn.Module, batch: TaskBatch,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, sampler: TaskSampler, num_tasks: int, batch_size: int,
-             by_instance: bool = False) -> dict[str, float | list[float]]:
+def evaluate(model: nn.Module, sampler: TaskSampler, num_tasks: int, batch_size: int, by_instance: bool = False,
+             parallel: DataParallel | None = None) -> dict[str, float | list[float]]:
     """Mean loss and accuracy over ``num_tasks`` fresh tasks, with the 95% interval of the accuracy;
     ``by_instance`` adds ``acc_by_instance[i]``, the accuracy on a class's (i+1)-th presentation, as in
-    the instance table of Santoro et al. (2016) (see :func:`batch_scores`)."""
+    the instance table of Santoro et al. (2016) (see :func:`batch_scores`).
+
+    Under torchrun (``parallel``) the batches are shared out over the ranks and their scores gathered
+    back in batch order (``DataParallel.evaluate``), then combined as one process combines them: every
+    figure is the single-process one, bit for bit.
+    """
+    parallel = parallel or DataParallel(World())  # one process
+    travel = parallel.world.enabled  # scores go between ranks through the CPU
+
+    def score(batch: TaskBatch) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        accuracies, loss_sum, by_row = batch_scores(model, batch, by_instance)
+        return (accuracies.cpu(), loss_sum, by_row.cpu() if by_instance else None) if travel else \
+            (accuracies, loss_sum, by_row)
+
     was_training = model.training
     model.eval()
-    accuracies, losses, by_row = [], [], []
-    for size in batch_sizes(num_tasks, batch_size):
-        task_acc, loss_sum, correct_by_instance = batch_scores(model, sampler.sample(size), by_instance)
-        accuracies.append(task_acc)
-        losses.append(loss_sum)
-        by_row.append(correct_by_instance)
+    scores = parallel.evaluate((sampler.sample(size) for size in batch_sizes(num_tasks, batch_size)), score)
     model.train(was_training)
-    acc, ci95 = mean_ci95(torch.cat(accuracies).cpu().numpy())
-    result: dict[str, float | list[float]] = {"acc": acc, "acc_ci95": ci95, "loss": sum(losses) / num_tasks}
-    if by_instance:
-        result["acc_by_instance"] = (torch.stack(by_row).sum(0) / num_tasks).tolist()
+    acc, ci95 = mean_ci95(torch.cat([accuracies for accuracies, _, _ in scores]).cpu().numpy())
+    result: dict[str, float | list[float]] = {"acc": acc, "acc_ci95": ci95,
+                                               "loss": sum(loss for _, loss, _ in scores) / num_tasks}
+    if by_instance:  # summed on the device, as one process sums them
+        by_row = torch.stack([row for _, _, row in scores])  # [num_batches, I]
+        result["acc_by_instance"] = (by_row.to(parallel.device) if travel else by_row).sum(0).div(num_tasks).tolist()
     return result
 
 

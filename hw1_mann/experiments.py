@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import cli_main
-from common.grid import Config, grid_parser, lookup, ran_with, run_experiments
+from common.grid import Config, grid_parser, lookup, ran_with, run_experiments, save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -135,9 +135,7 @@ def plot(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
                ylabel=f"test query accuracy ({ran_with(frame, names, 'eval_tasks', 128)} tasks)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def santoro_table(frame: pd.DataFrame, runs: list[tuple], preset: str) -> str:
@@ -211,9 +209,7 @@ def plot_santoro(frame: pd.DataFrame, runs: list[tuple], path: Path) -> None:
     for ax in (curve, final):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @cli_main

@@ -193,3 +193,17 @@ def build_model(name: str, num_classes: int, hidden_dim: int, memory_slots: int 
     if name == "memory":
         return MemoryMANN(num_classes, hidden_dim, memory_slots, memory_dim, num_reads)
     raise CS330Error(f"unknown model {name!r}; choose lstm or memory")
+
+
+def check_bf16_runs(model: nn.Module, device: torch.device) -> None:
+    """Refuse bf16 where one of ``model``'s ``nn.LSTM`` layers cannot run in it, before any work:
+    PyTorch's CPU LSTM runs bf16 through a oneDNN primitive that CPUs without native bf16 (AVX2) lack,
+    and the error would otherwise come at the first training step. One forward of one step each."""
+    for lstm in (m for m in model.modules() if isinstance(m, nn.LSTM)):
+        probe = torch.zeros(1, 1, lstm.input_size, device=device)
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                lstm(probe)
+        except RuntimeError as err:
+            raise CS330Error(f"--precision bf16: this {device.type} cannot run the LSTM in bf16 ({str(err)[:80]}...); "
+                             "use --precision fp32 (or auto, fp32 for hw1)") from None

@@ -45,20 +45,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import distributed
-from common.checkpoint import capture_rng_state, check_model, load_checkpoint, restore_rng_state
+from common.checkpoint import capture_rng_state, check_model, restore_rng_state
 from common.cli import add_run_args, learning_rate, positive_int
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
-from common.errors import CS330Error, cli_main
+from common.distributed import DataParallel, FollowerRun
+from common.errors import cli_main
 from common.limits import check_fits
 from common.omniglot import OmniglotStore
 from common.run import RunFolder
 from common.runlog import build_run_name, resolve_run_dir
 from common.seeding import seed_everything
-from common.stats import mean_ci95
-from hw1_mann.data import CourseSampler, SantoroSampler, TaskBatch, TaskSampler, check_episode_shape, check_task_shape
-from hw1_mann.evaluate import batch_scores, batch_sizes, evaluate
-from hw1_mann.models import build_model, sequence_loss
+from hw1_mann.data import CourseSampler, SantoroSampler, TaskSampler, check_episode_shape, check_task_shape
+from hw1_mann.evaluate import evaluate
+from hw1_mann.models import build_model, check_bf16_runs, sequence_loss
 
 HOMEWORK = "hw1_mann"
 # Flags a --resume (or --test) may change besides common.cli.RUN_ONLY_FLAGS: the run length, the
@@ -171,9 +170,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     check_sizes(args)
     device, precision = setup_compute(args.device, args.precision, args.threads, fp32_because=FP32_BECAUSE)
-    world = distributed.init_from_env(device)  # one process: nothing happens
-    check_meta_batch_split(args.meta_batch_size, world)
-    device = world.device  # under torchrun, cuda -> cuda:LOCAL_RANK
+    # torchrun's process group (one process: nothing), every meta-batch split evenly over it
+    parallel = DataParallel.join(device, args.meta_batch_size, batch_flag="--meta_batch_size")
+    device = parallel.device  # under torchrun, cuda -> cuda:LOCAL_RANK
 
     # Everything that can fail before training fails here, before the run folder exists.
     def load_splits() -> dict[str, torch.Tensor]:
@@ -186,99 +185,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             check_task_shape(args.num_classes, args.num_shot, sizes)
         return splits
 
-    # Rank 0 first (it may download and cache the data; a refusal is one error line), then the others.
-    splits = distributed.run_on_main(load_splits, world)
-    splits = splits if world.is_main else load_splits()
+    splits = parallel.main_first(load_splits)
     seed_everything(args.random_seed)  # before the model is built: its initial weights depend on the seed
     model = build_model(args.model, args.num_classes, args.hidden_dim, memory_slots=args.memory_slots,
                         memory_dim=args.memory_dim, num_reads=args.num_reads).to(device)
+    if precision == "bf16":
+        check_bf16_runs(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     samplers = {name: make_sampler(args, splits[split], device, args.random_seed + i)
                 for i, (name, split) in enumerate(SAMPLERS)}
 
     hparams = {**{k: v for k, v in vars(args).items() if k not in {"resume", "test"}}, "precision": precision}
     run_dir = run_folder(args, precision)
-    # Checkpoints are read by rank 0 alone and sent to the others through the CPU.
-    location = "cpu" if world.enabled else device
     if args.test:
-        # A one-line error when there is none.
-        state = distributed.run_on_main(lambda: load_checkpoint(run_dir, map_location=location), world, share=True)
-        with open_run(world, run_dir, hparams, resume=True):  # same flags as the run
-            distributed.run_on_main(lambda: check_model(run_dir, state, model), world)
-            result = evaluate_checkpoint(args, model, state, samplers["final"], world, precision)
+        state = parallel.read_checkpoint(run_dir)  # a one-line error when there is none
+        with open_run(parallel, run_dir, hparams, resume=True):  # same flags as the run
+            parallel.on_main(lambda: check_model(run_dir, state, model))
+            result = evaluate_checkpoint(args, model, state, samplers["final"], parallel, precision)
     else:
-        with open_run(world, run_dir, hparams, resume=args.resume, test_hint="--test to evaluate it") as run:
-            result = train(run, run_dir, args, model, optimizer, samplers, world, precision, location)
-    distributed.destroy(world)
+        with open_run(parallel, run_dir, hparams, resume=args.resume, test_hint="--test to evaluate it") as run:
+            result = train(run, run_dir, args, model, optimizer, samplers, parallel, precision)
+    parallel.close()
     return result
 
 
-def check_meta_batch_split(meta_batch_size: int, world: distributed.World) -> None:
-    """``common.distributed.check_batch_split`` (an even split of every meta-batch, else one error line
-    from rank 0 and the same exit status from all), in the words of hw1's flag."""
-    try:
-        distributed.check_batch_split(meta_batch_size, world)
-    except CS330Error as err:
-        raise CS330Error(str(err).replace("--batch_size", "--meta_batch_size")) from None
-
-
-def open_run(world: distributed.World, run_dir: Path, hparams: dict[str, Any], resume: bool,
-             test_hint: str = "") -> RunFolder | distributed.FollowerRun:
-    """Rank 0 opens the run folder (lock, resume rules); a refusal stops every rank. The other ranks
-    get a ``FollowerRun``, which writes nothing but stops where rank 0 stops."""
-    run = distributed.run_on_main(lambda: RunFolder.open(run_dir, hparams, resume=resume, resumable=RESUMABLE_FLAGS,
-                                                         test_hint=test_hint, length_flag="train_steps"), world)
-    return run if world.is_main else distributed.FollowerRun()
-
-
-def my_tasks(batch: TaskBatch, world: distributed.World) -> TaskBatch:
-    """This rank's contiguous share of a meta-batch (all of it for one process): rank r of N takes
-    tasks [r*B/N, (r+1)*B/N), so the shares in rank order are the meta-batch."""
-    if not world.enabled:
-        return batch
-    tasks = distributed.shard(0, batch.images.shape[0], world)
-    return type(batch)(*(t[tasks] for t in batch))  # every field [B/N, ...]
-
-
-@torch.no_grad()
-def evaluate_split(model: nn.Module, sampler: TaskSampler, num_tasks: int, batch_size: int,
-                   world: distributed.World, by_instance: bool = False) -> dict[str, float | list[float]]:
-    """``hw1_mann.evaluate.evaluate``, with the batches split over the ranks (that very function for one process).
-
-    Every rank draws every batch (so the tasks, and the sampler's state, are one process's) and scores
-    batches r, r+N, r+2N, ... whole; the per-batch figures are gathered in batch order and combined as
-    ``evaluate`` combines them, so every figure is the single-process one, bit for bit.
-    """
-    if not world.enabled:
-        return evaluate(model, sampler, num_tasks, batch_size, by_instance=by_instance)
-    was_training = model.training
-    model.eval()
-    mine = []  # (batch index, per-task accuracies [size], loss * size, accuracy sums by instance [I] | None)
-    for index, size in enumerate(batch_sizes(num_tasks, batch_size)):
-        batch = sampler.sample(size)
-        if index % world.world_size != world.rank:
-            continue
-        accuracies, loss_sum, by_row = batch_scores(model, batch, by_instance)
-        mine.append((index, accuracies.cpu(), loss_sum, by_row.cpu() if by_instance else None))
-    model.train(was_training)
-    batches = sorted(distributed.gather_lists(mine, world), key=lambda batch: batch[0])
-    acc, ci95 = mean_ci95(torch.cat([accuracies for _, accuracies, _, _ in batches]).numpy())
-    result: dict[str, float | list[float]] = {"acc": acc, "acc_ci95": ci95,
-                                               "loss": sum(loss for _, _, loss, _ in batches) / num_tasks}
-    if by_instance:  # summed where evaluate sums them (on the device), in the same order
-        by_row = torch.stack([row for _, _, _, row in batches]).to(world.device)  # [num_batches, I]
-        result["acc_by_instance"] = (by_row.sum(0) / num_tasks).tolist()
-    return result
+def open_run(parallel: DataParallel, run_dir: Path, hparams: dict[str, Any], resume: bool,
+             test_hint: str = "") -> RunFolder | FollowerRun:
+    """The run folder on rank 0 (lock, resume rules), a ``FollowerRun`` on the others."""
+    return parallel.open_run(lambda: RunFolder.open(run_dir, hparams, resume=resume, resumable=RESUMABLE_FLAGS,
+                                                    test_hint=test_hint, length_flag="train_steps"))
 
 
 def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, state: dict[str, Any],
-                        final_tasks: TaskSampler, world: distributed.World, precision: str) -> dict[str, Any]:
+                        final_tasks: TaskSampler, parallel: DataParallel, precision: str) -> dict[str, Any]:
     """Score the checkpoint's model on ``--num_test_tasks`` test tasks: the same tasks the end of
     training scores (the "final" sampler is untouched during training), so a finished run repeats its result."""
     model.load_state_dict(state["model"])
-    with autocast(world.device, precision):
-        result = evaluate_split(model, final_tasks, args.num_test_tasks, args.meta_batch_size, world, by_instance=True)
-    if world.is_main:
+    with autocast(parallel.device, precision):
+        result = evaluate(model, final_tasks, args.num_test_tasks, args.meta_batch_size, True, parallel)
+    if parallel.is_main:
         print(f"test ({args.num_test_tasks} tasks, step {state['step']}): accuracy "
               f"{result['acc']:.4f} +- {result['acc_ci95']:.4f}; by instance {result['acc_by_instance']}")
     return {"step": state["step"], **{f"test_{k}": v for k, v in result.items()}}
@@ -304,26 +249,26 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, sampler
 
 
 def train_step(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer, sampler: TaskSampler,
-               run: RunFolder | distributed.FollowerRun, world: distributed.World, step: int, precision: str) -> float:
+               run: RunFolder | FollowerRun, parallel: DataParallel, step: int, precision: str) -> float:
     """One meta-batch; returns its loss (the whole meta-batch's, on every rank)."""
     # Every rank draws the whole meta-batch (so the sampler state is the same everywhere), keeps its share.
     batch = sampler.sample(args.meta_batch_size)  # CourseBatch or SantoroBatch, [B, ...]
-    batch = my_tasks(batch, world)  # [B/N, ...] under torchrun
-    with autocast(world.device, precision):
+    batch = parallel.my_share(batch)  # [B/N, ...] under torchrun
+    with autocast(parallel.device, precision):
         loss = sequence_loss(model(batch.images, batch.labels), batch.labels)
     # Every step, before the update: a NaN/inf loss stops the run here (exit 2, no results.json),
     # not up to --eval_freq steps later with the weights already poisoned. The mean over the
     # ranks is the whole meta-batch's loss, the same on every rank: all ranks stop together.
-    train_loss = distributed.mean_over_ranks({"loss": loss}, world)["loss"]
+    train_loss = parallel.mean({"loss": loss})["loss"]
     run.check_loss(train_loss, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    distributed.average_gradients(model.parameters(), world)  # the whole meta-batch's gradient
+    parallel.sync(model)  # the whole meta-batch's gradient
     optimizer.step()
     return train_loss
 
 
-Score = Callable[..., dict[str, Any]]  # (sampler name, number of tasks, by_instance) -> evaluate_split's figures
+Score = Callable[..., dict[str, Any]]  # (sampler name, number of tasks, by_instance) -> evaluate's figures
 
 
 def validate(args: argparse.Namespace, score: Score, step: int, train_loss: float,
@@ -343,28 +288,27 @@ def validate(args: argparse.Namespace, score: Score, step: int, train_loss: floa
     return record, scalars
 
 
-def train(run: RunFolder | distributed.FollowerRun, run_dir: Path, args: argparse.Namespace, model: nn.Module,
-          optimizer: torch.optim.Optimizer, samplers: dict[str, TaskSampler], world: distributed.World,
-          precision: str, location: str | torch.device) -> dict[str, Any]:
+def train(run: RunFolder | FollowerRun, run_dir: Path, args: argparse.Namespace, model: nn.Module,
+          optimizer: torch.optim.Optimizer, samplers: dict[str, TaskSampler], parallel: DataParallel,
+          precision: str) -> dict[str, Any]:
     """Train to ``--train_steps`` (from the latest checkpoint on --resume), then score the final model."""
-    # Rank 0 reads the checkpoint; every rank continues from it.
-    state = distributed.run_on_main(lambda: run.resume_state(map_location=location, model=model), world, share=True)
+    state = parallel.resume_state(run, model)  # rank 0 reads it; every rank continues from it
     start_step, history = restore(state, model, optimizer, samplers) if state is not None else (0, [])
 
     def score(name: str, num_tasks: int, by_instance: bool = False) -> dict[str, Any]:
-        with autocast(world.device, precision):
-            return evaluate_split(model, samplers[name], num_tasks, args.meta_batch_size, world, by_instance)
+        with autocast(parallel.device, precision):
+            return evaluate(model, samplers[name], num_tasks, args.meta_batch_size, by_instance, parallel)
 
     # closing(): the logger of ranks other than 0 writes nothing and is no context manager.
     logger = run.logger(start_step=start_step, total_steps=args.train_steps, desc=run_dir.name)
     with contextlib.closing(logger):
         logger.write(f"run folder: {run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
-                     + (f" ({world.world_size} processes)" if world.enabled else ""))
+                     + parallel.processes_note)
         train_seconds, timed_steps = 0.0, 0
         model.train()
         for step in range(start_step + 1, args.train_steps + 1):
             tic = time.perf_counter()
-            train_loss = train_step(args, model, optimizer, samplers["train"], run, world, step, precision)
+            train_loss = train_step(args, model, optimizer, samplers["train"], run, parallel, step, precision)
             train_seconds += time.perf_counter() - tic
             timed_steps += 1
             if step % args.eval_freq == 0 or step == args.train_steps:

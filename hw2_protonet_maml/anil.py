@@ -18,59 +18,55 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, vmap
 
 from common.device import resolve_device, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.omniglot import Episodes
 from common.seeding import seed_everything
-from hw2_protonet_maml import training
-from hw2_protonet_maml.training import (
-    MetaTrainer,
+from hw2_protonet_maml import flags
+from hw2_protonet_maml.flags import (
     TrainSettings,
-    accuracy,
     add_episode_args,
     add_inner_loop_args,
-    check_drawings,
     check_inner_loop_args,
     inner_loop_run_params,
+    parse_hw2_args,
 )
+from hw2_protonet_maml.networks import ConvNet
+from hw2_protonet_maml.training import MetaTrainer, accuracy
 
 
 # ---------------------------------------------------------------------------- the meta-loss, plainly
-def reference_anil_loss(anil: ANIL, episodes: Episodes, num_inner_steps: int | None = None) -> torch.Tensor:
-    """For each task: features of its support and query images (the body is not adapted), a few
-    gradient steps of the head on the support features, the query loss of the adapted head."""
-    steps = anil.num_inner_steps if num_inner_steps is None else num_inner_steps
+def reference_anil_loss(net: ConvNet, episodes: Episodes, inner_lr: float | dict[str, torch.Tensor],
+                        num_inner_steps: int = 1, first_order: bool = False) -> torch.Tensor:
+    """For each task: features of its support and query images (``net.features``: the body is not
+    adapted), a few gradient steps of ``net.head`` on the support features, the query loss of the
+    adapted head."""
     support, support_labels, query, query_labels = episodes  # [B, N*K, 1, S, S], [B, N*K], [B, N*Q, ...]
+    start = dict(net.head.named_parameters())
+    lrs = inner_lr if isinstance(inner_lr, dict) else dict.fromkeys(start, inner_lr)
     total = 0.0
     for b in range(support.shape[0]):
-        support_features = anil.body(support[b])  # [N*K, C]: batch norm over this task's support set
-        query_features = anil.body(query[b])  # [N*Q, C]
-        head = dict(anil.head)
-        for _ in range(steps):
-            inner_loss = F.cross_entropy(F.linear(support_features, head["w"], head["b"]), support_labels[b])
-            grads = torch.autograd.grad(inner_loss, list(head.values()), create_graph=not anil.first_order)
-            head = {k: head[k] - anil.inner_lrs[k] * g for k, g in zip(head, grads)}
-        total = total + F.cross_entropy(F.linear(query_features, head["w"], head["b"]), query_labels[b])
+        support_features = net.features(support[b])  # [N*K, C]: batch norm over this task's support set
+        query_features = net.features(query[b])  # [N*Q, C]
+        head = dict(start)
+        for _ in range(num_inner_steps):
+            inner_loss = F.cross_entropy(functional_call(net.head, head, (support_features,)), support_labels[b])
+            grads = torch.autograd.grad(inner_loss, list(head.values()), create_graph=not first_order)
+            head = {k: head[k] - lrs[k] * g for k, g in zip(head, grads)}
+        total = total + F.cross_entropy(functional_call(net.head, head, (query_features,)), query_labels[b])
     return total / support.shape[0]
-
-
-# ---------------------------------------------------------------------------- the network
-def anil_body(hidden_channels: int = 64, stride: int = 1, num_layers: int = 4) -> nn.Sequential:
-    """The MAML course network without its head: 4 x [conv 3x3, batch norm with the statistics of the
-    images at hand (no running statistics, no affine: as ``maml.maml_forward``), ReLU], spatial mean.
-    ``[M, 1, S, S]`` -> features ``[M, C]``."""
-    layers: list[nn.Module] = []
-    for i in range(num_layers):
-        layers += [nn.Conv2d(1 if i == 0 else hidden_channels, hidden_channels, 3, stride=stride, padding=1),
-                   nn.BatchNorm2d(hidden_channels, affine=False, track_running_stats=False), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 # ---------------------------------------------------------------------------- the fast module
 class ANIL(nn.Module):
     """ANIL as a meta-learner (see ``training.MetaLearner``): the loss of :func:`reference_anil_loss`.
+
+    ``net`` is MAML's network (``networks.ConvNet``, or any module with ``features(images)`` and a
+    ``head`` module): the body is ``net.features`` (the network minus its head), the head adapts::
+
+        anil = ANIL(ConvNet(num_way=5), inner_lr=0.4, num_inner_steps=1)
 
     Cheaper than MAML by construction: the body runs once per image whatever the number of inner
     steps, and the inner loop differentiates only through the head (``torch.func.grad``, vmapped over
@@ -81,21 +77,13 @@ class ANIL(nn.Module):
 
     per_task_eval = False  # batch-norm statistics are per task already
 
-    def __init__(self, num_way: int, num_inner_steps: int = 1, inner_lr: float = 0.4,
-                 learn_inner_lrs: bool = False, first_order: bool = False, hidden_channels: int = 64,
-                 conv_stride: int = 1, seed: int = 0, eval_num_inner_steps: int | None = None) -> None:
+    def __init__(self, net: ConvNet, *, inner_lr: float = 0.4, num_inner_steps: int = 1,
+                 learn_inner_lrs: bool = False, first_order: bool = False,
+                 eval_num_inner_steps: int | None = None) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng():  # the body's default init draws from the global generator
-            torch.manual_seed(seed)
-            self.body = anil_body(hidden_channels=hidden_channels, stride=conv_stride)
-        bound = (6.0 / (num_way + hidden_channels)) ** 0.5  # Xavier-uniform, as MAML's head
-        self.head = nn.ParameterDict({
-            "w": nn.Parameter((torch.rand(num_way, hidden_channels, generator=generator) * 2 - 1) * bound),
-            "b": nn.Parameter(torch.zeros(num_way)),
-        })
-        self.inner_lrs = nn.ParameterDict(
-            {k: nn.Parameter(torch.tensor(inner_lr), requires_grad=learn_inner_lrs) for k in self.head})
+        self.net = net
+        self.inner_lrs = nn.ParameterDict({k: nn.Parameter(torch.tensor(inner_lr), requires_grad=learn_inner_lrs)
+                                           for k, _ in net.head.named_parameters()})
         self.num_inner_steps = num_inner_steps
         self.eval_num_inner_steps = eval_num_inner_steps or num_inner_steps
         self.first_order = first_order
@@ -105,7 +93,7 @@ class ANIL(nn.Module):
         """One task's inner loop on its support features ``[N*K, C]``; returns the adapted head and
         the support accuracy before each step and after the last, ``[num_steps + 1]``."""
         def support_loss(h):
-            logits = F.linear(features, h["w"], h["b"])
+            logits = functional_call(self.net.head, h, (features,))
             return F.cross_entropy(logits, labels), logits
 
         accuracies = []
@@ -115,14 +103,14 @@ class ANIL(nn.Module):
             if self.first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
             head = {k: h - self.inner_lrs[k] * grads[k] for k, h in head.items()}
-        accuracies.append(accuracy(F.linear(features, head["w"], head["b"]), labels).detach())
+        accuracies.append(accuracy(functional_call(self.net.head, head, (features,)), labels).detach())
         return head, torch.stack(accuracies)
 
     def task_loss(self, head: dict[str, torch.Tensor], support_features: torch.Tensor, support_labels: torch.Tensor,
                   query_features: torch.Tensor, query_labels: torch.Tensor, num_steps: int,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         adapted, support_accs = self.adapt_head(head, support_features, support_labels, num_steps)
-        logits = F.linear(query_features, adapted["w"], adapted["b"]).float()
+        logits = functional_call(self.net.head, adapted, (query_features,)).float()
         return F.cross_entropy(logits, query_labels), support_accs, accuracy(logits, query_labels)
 
     def forward(self, episodes: Episodes, num_inner_steps: int | None = None,
@@ -130,11 +118,13 @@ class ANIL(nn.Module):
         if num_inner_steps is None:
             num_inner_steps = self.num_inner_steps if self.training else self.eval_num_inner_steps
         support, support_labels, query, query_labels = episodes
-        dtype = self.head["w"].dtype  # the head adapts in its own precision (fp32), even under autocast
-        support_features = torch.stack([self.body(task) for task in support]).to(dtype)  # [B, N*K, C]
-        query_features = torch.stack([self.body(task) for task in query]).to(dtype)  # [B, N*Q, C]
-        task_losses, support_accs, query_accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0, None))(
-            dict(self.head), support_features, support_labels, query_features, query_labels, num_inner_steps)
+        head = dict(self.net.head.named_parameters())
+        dtype = head["weight"].dtype  # the head adapts in its own precision (fp32), even under autocast
+        support_features = torch.stack([self.net.features(task) for task in support]).to(dtype)  # [B, N*K, C]
+        query_features = torch.stack([self.net.features(task) for task in query]).to(dtype)  # [B, N*Q, C]
+        with torch.autocast(query.device.type, enabled=False):
+            task_losses, support_accs, query_accs = vmap(self.task_loss, in_dims=(None, 0, 0, 0, 0, None))(
+                head, support_features, support_labels, query_features, query_labels, num_inner_steps)
         loss = task_losses.mean()
         support_accs = support_accs.detach()  # [B, steps + 1]
         return loss, {"loss": loss.detach(), "support_acc_pre": support_accs[:, 0],
@@ -151,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    check_drawings(parser, args)
+    args = parse_hw2_args(parser, argv)
     check_inner_loop_args(parser, args)
     return args
 
@@ -161,7 +150,7 @@ def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
     """The run's folder, named by every hyper-parameter; ``precision``: the resolved ``--precision``
     (resolved here, quietly, when not given)."""
     precision = precision or resolve_precision(args.precision, resolve_device(args.device))[0]
-    return training.run_folder(args, "anil", inner_loop_run_params(args, precision))
+    return flags.run_folder(args, "anil", inner_loop_run_params(args, precision))
 
 
 @cli_main
@@ -170,8 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     device, precision = setup_compute(args.device, args.precision, args.threads)
     settings = TrainSettings.from_args(args, device, precision, run_folder(args, precision))
     seed_everything(args.seed)
-    model = ANIL(args.num_way, args.num_inner_steps, args.inner_lr, args.learn_inner_lrs, args.first_order,
-                 args.num_filters, args.conv_stride, seed=args.seed, eval_num_inner_steps=args.eval_num_inner_steps)
+    net = ConvNet(args.num_way, args.num_filters, args.conv_stride, seed=args.seed)
+    model = ANIL(net, inner_lr=args.inner_lr, num_inner_steps=args.num_inner_steps,
+                 learn_inner_lrs=args.learn_inner_lrs, first_order=args.first_order,
+                 eval_num_inner_steps=args.eval_num_inner_steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
     trainer = MetaTrainer(model, optimizer, settings, hparams={**vars(args), "precision": precision})
     trainer.run(test_only=args.test, checkpoint_step=args.checkpoint_step)

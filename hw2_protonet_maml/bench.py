@@ -29,14 +29,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.device import DEVICE_CHOICES, autocast, configure_threads, cpu_capability, resolve_device
 from common.omniglot import EpisodeSampler, OmniglotStore
 from common.timing import timed
-from hw2_protonet_maml.maml import MAML, reference_maml_loss
+from hw2_protonet_maml.maml import MAML, TaskVmapMAML, reference_maml_loss
+from hw2_protonet_maml.networks import ConvNet
 from hw2_protonet_maml.protonet import ProtoNet
 
 
 def meta_gradient(maml: MAML, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     maml.zero_grad(set_to_none=True)
     loss_fn().backward()
-    return torch.cat([p.grad.flatten() for p in maml.meta_params.values()])
+    return torch.cat([p.grad.flatten() for p in maml.meta_params().values()])
+
+
+def reference_loss(maml: MAML, episodes) -> torch.Tensor:
+    return reference_maml_loss(maml.net, maml.meta_params(), episodes, maml.inner_lr_dict(), maml.num_inner_steps)
 
 
 def counted_flops(fn: Callable[[], object]) -> int:
@@ -70,23 +75,20 @@ def conv_rate(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, s
 
 def maml_variants(args, device, episodes) -> tuple[MAML, dict[str, tuple[str, Callable[[], torch.Tensor]]]]:
     """name -> (precision of its query pass, meta-loss function); every model shares one set of weights."""
-    def build(**kwargs) -> MAML:
-        model = MAML(args.num_way, num_inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                     hidden_channels=args.channels, conv_stride=args.conv_stride, **kwargs).to(device)
-        if models:
-            model.meta_params = models[0].meta_params  # same weights: the same meta-gradient is expected
-        models.append(model)
-        return model
+    net = ConvNet(args.num_way, args.channels, args.conv_stride).to(device)
 
-    models: list[MAML] = []
+    def build(kind: type[MAML] = MAML, **kwargs) -> MAML:
+        # One network for all: the same weights, so the same meta-gradient is expected.
+        return kind(net, num_inner_steps=args.inner_steps, inner_lr=args.inner_lr, **kwargs)
+
     before, fp32_compiled = build(), build(compile_query=True)
     variants = {
-        "reference loop (autograd.grad)": ("fp32", lambda: reference_maml_loss(before, episodes)),
+        "reference loop (autograd.grad)": ("fp32", lambda: reference_loss(before, episodes)),
         "before: fp32, task loop": ("fp32", lambda: before(episodes)[0]),
         "fp32, compiled query": ("fp32", lambda: fp32_compiled(episodes)[0]),
     }
     if args.vmap:
-        vmapped = build(vmap_tasks=True)
+        vmapped = build(TaskVmapMAML)
         variants["fp32, vmap over tasks"] = ("fp32", lambda: vmapped(episodes)[0])
     if not args.no_bf16:
         bf16, bf16_compiled = build(precision="bf16"), build(precision="bf16", compile_query=True)
@@ -129,15 +131,15 @@ def conditioning(args, device, sampler) -> None:
 
     def exact(model: MAML, episodes) -> torch.Tensor:
         episodes = type(episodes)(*(t.double() if t.is_floating_point() else t for t in episodes))
-        return meta_gradient(model, lambda: reference_maml_loss(model, episodes))
+        return meta_gradient(model, lambda: reference_loss(model, episodes))
 
-    model = MAML(args.num_way, num_inner_steps=args.inner_steps, inner_lr=args.inner_lr, hidden_channels=args.channels,
-                 conv_stride=args.conv_stride).to(device).double()
+    model = MAML(ConvNet(args.num_way, args.channels, args.conv_stride), num_inner_steps=args.inner_steps,
+                 inner_lr=args.inner_lr).to(device).double()
     reference = exact(model, first)
     other_batch = exact(model, second)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for weight in model.meta_params.values():
+        for weight in model.meta_params().values():
             noise = torch.rand(weight.shape, generator=generator, device=device, dtype=weight.dtype) * 2 - 1
             weight.mul_(1 + noise * 2 ** -9)
     perturbed = exact(model, first)

@@ -26,7 +26,7 @@ import matplotlib
 import pandas as pd
 
 from common.errors import cli_main
-from common.grid import Config, grid_parser, lookup, run_experiments
+from common.grid import Config, grid_parser, lookup, run_experiments, save_figure
 from common.omniglot import PROTOCOLS
 from common.runlog import scalar_curve, write_json
 from common.stats import paired_difference_ci95
@@ -169,9 +169,7 @@ def plot_composition(frame: pd.DataFrame, path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     axes[0].set_ylabel("test accuracy (95% interval)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_accuracy_vs_k(frame: pd.DataFrame, path: Path) -> None:
@@ -183,9 +181,7 @@ def plot_accuracy_vs_k(frame: pd.DataFrame, path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # no finished MAML run yet: nothing to label
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def val_curve(run_dir: Path) -> pd.Series:
@@ -203,9 +199,7 @@ def plot_curves(trained: pd.DataFrame, path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.lines:  # no TensorBoard events (e.g. the runs were copied without them): an empty plot
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @cli_main

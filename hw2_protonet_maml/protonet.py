@@ -23,14 +23,13 @@ from common.device import resolve_device, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.omniglot import Episodes
 from common.seeding import seed_everything
-from hw2_protonet_maml import training
-from hw2_protonet_maml.training import (
-    MetaTrainer,
+from hw2_protonet_maml import flags
+from hw2_protonet_maml.flags import (
     TrainSettings,
-    accuracy,
     add_episode_args,
-    check_drawings,
+    parse_hw2_args,
 )
+from hw2_protonet_maml.training import MetaTrainer, accuracy
 
 
 def proto_logits(support_emb: torch.Tensor, support_labels: torch.Tensor, query_emb: torch.Tensor,
@@ -133,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    check_drawings(parser, args)
+    args = parse_hw2_args(parser, argv)
     return args
 
 
@@ -142,7 +140,7 @@ def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
     """The run's folder, named by every hyper-parameter; ``precision``: the resolved ``--precision``
     (resolved here, quietly, when not given)."""
     precision = precision or resolve_precision(args.precision, resolve_device(args.device))[0]
-    return training.run_folder(args, "protonet", {
+    return flags.run_folder(args, "protonet", {
         "proto": args.protocol, "way": args.train_num_way or args.num_way, "shot": args.num_support,
         "query": args.num_query, "batch": args.batch_size, "lr": args.learning_rate, "bn": args.eval_bn,
         "prec": precision, "seed": args.seed})

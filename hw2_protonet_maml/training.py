@@ -13,34 +13,27 @@ to floating-point rounding (tests/test_distributed.py measures it).
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from common import distributed
-from common.checkpoint import capture_rng_state, check_model, load_checkpoint, restore_rng_state
-from common.cli import add_run_args, learning_rate, positive_int
-from common.device import autocast
+from common.checkpoint import capture_rng_state, check_model, restore_rng_state
+from common.distributed import DataParallel, FollowerRun, QuietLogger
 from common.errors import CS330Error
-from common.limits import check_fits
-from common.omniglot import NUM_DRAWINGS, PROTOCOLS, Episodes, EpisodeSampler, OmniglotStore
+from common.omniglot import Episodes, EpisodeSampler, OmniglotStore
 from common.run import RunFolder
-from common.runlog import RunLogger, build_run_name, resolve_run_dir, write_json
+from common.runlog import RunLogger, write_json
 from common.stats import mean_ci95
+from hw2_protonet_maml.flags import RESUMABLE_FLAGS, TrainSettings
 
-HOMEWORK = "hw2_protonet_maml"
 LOG_INTERVAL = 10
 VAL_TARGET = 0.98  # the wall time to first reach this validation accuracy is reported
 EVAL_SEED = 12345  # validation and test tasks are the same for every run and every model
-# Flags a --resume may change: the run length, intervals and what is evaluated at the end.
-RESUMABLE_FLAGS = ("num_train_iterations", "val_interval", "save_interval", "num_val_tasks", "num_test_tasks",
-                   "test_num_way", "test_num_support", "test_num_query", "checkpoint_step")
 
 
 class MetaLearner(Protocol):
@@ -80,160 +73,22 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == labels).float().mean(-1)
 
 
-# ---------------------------------------------------------------------------- flags
-def add_episode_args(parser: argparse.ArgumentParser, num_support: int, num_train_iterations: int) -> None:
-    """The flags every hw2 script shares (names and defaults of the course code, plus what a tool needs)."""
-    task = parser.add_argument_group("tasks")
-    task.add_argument("--num_way", type=positive_int, default=5, help="classes per task (default: 5)")
-    task.add_argument("--num_support", type=positive_int, default=num_support,
-                      help=f"support examples per class at training (default: {num_support})")
-    task.add_argument("--num_query", type=positive_int, default=15, help="query examples per class (default: 15)")
-    task.add_argument("--batch_size", type=positive_int, default=16, help="tasks per meta-batch (default: 16)")
-    task.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cs330",
-                      help="class split: cs330 (1100/100/423 characters) or vinyals (1028/172/423 characters, "
-                           "each rotation a new class, as in the MAML and ProtoNet papers) (default: cs330)")
-    task.add_argument("--num_train_iterations", type=positive_int, default=num_train_iterations,
-                      help=f"meta-training iterations (default: {num_train_iterations})")
-    task.add_argument("--val_interval", type=positive_int, default=100,
-                      help="validate every this many iterations (default: 100)")
-    task.add_argument("--num_val_tasks", type=positive_int, default=128, help="validation tasks (default: 128)")
-    task.add_argument("--save_interval", type=positive_int, default=100,
-                      help="checkpoint every this many iterations (default: 100)")
-    test = parser.add_argument_group("evaluation")
-    test.add_argument("--test", action="store_true", help="evaluate a checkpoint on the test characters, no training")
-    test.add_argument("--checkpoint_step", type=int, default=-1, help="checkpoint to test (-1 = latest)")
-    test.add_argument("--num_test_tasks", type=positive_int, default=600, help="test tasks (default: 600)")
-    test.add_argument("--test_num_way", type=positive_int, default=None, help="N at meta-test (default: --num_way)")
-    test.add_argument("--test_num_support", type=positive_int, default=None,
-                      help="K at meta-test, e.g. more support data than at training (default: --num_support)")
-    test.add_argument("--test_num_query", type=positive_int, default=None,
-                      help="queries per class at meta-test (default: --num_query)")
-    add_run_args(parser)
-
-
-def add_inner_loop_args(parser: argparse.ArgumentParser, name: str) -> argparse._ArgumentGroup:
-    """Flags of the gradient-based meta-learners (``maml.py``, ``anil.py``); returns their group."""
-    group = parser.add_argument_group(name)
-    group.add_argument("--num_inner_steps", type=positive_int, default=1, help="inner gradient steps (default: 1)")
-    group.add_argument("--inner_lr", type=learning_rate, default=0.4, help="inner learning rate (default: 0.4)")
-    group.add_argument("--learn_inner_lrs", action="store_true",
-                       help="learn one inner rate per parameter tensor with the outer optimizer")
-    group.add_argument("--outer_lr", type=learning_rate, default=1e-3, help="Adam meta learning rate (default: 1e-3)")
-    group.add_argument("--first_order", action="store_true",
-                       help="first-order: do not differentiate through the inner gradients")
-    group.add_argument("--eval_num_inner_steps", type=positive_int, default=None,
-                       help="inner steps at validation/test (default: --num_inner_steps)")
-    group.add_argument("--num_filters", type=positive_int, default=64, help="conv channels (default: 64)")
-    group.add_argument("--conv_stride", type=int, choices=(1, 2), default=1,
-                       help="1 = the course network (full 28x28 resolution in every layer); 2 = the strided "
-                            "network of the MAML paper, about 4x cheaper (default: 1)")
-    return group
-
-
-def check_inner_loop_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.test_num_way is not None and args.test_num_way != args.num_way:
-        parser.error(f"--test_num_way {args.test_num_way} differs from --num_way {args.num_way}: the network's "
-                     "output layer has exactly --num_way classes")
-
-
-def inner_loop_run_params(args: argparse.Namespace, precision: str) -> dict:
-    """The hyper-parameters that name a MAML/ANIL run folder (the evaluation's inner steps only where
-    they differ from training's, so that default folder names stay as they were)."""
-    eval_steps = args.eval_num_inner_steps
-    return {"proto": args.protocol, "way": args.num_way, "shot": args.num_support, "query": args.num_query,
-            "batch": args.batch_size, "steps": args.num_inner_steps,
-            **({"evalsteps": eval_steps} if eval_steps not in (None, args.num_inner_steps) else {}),
-            "ilr": args.inner_lr, "learnilr": int(args.learn_inner_lrs), "olr": args.outer_lr,
-            "fo": int(args.first_order), "filt": args.num_filters, "stride": args.conv_stride, "prec": precision,
-            "seed": args.seed}
-
-
-def run_folder(args: argparse.Namespace, prefix: str, params: dict) -> Path:
-    """``--log_dir``, or ``runs/hw2_protonet_maml/<prefix>_<params>`` (the run name built from ``params``)."""
-    return resolve_run_dir(args.log_dir, HOMEWORK, build_run_name(prefix, params))
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything :class:`MetaTrainer` reads, as explicit values (built once from the flags)."""
-
-    train_num_way: int  # N of training and validation tasks
-    num_support: int
-    num_query: int
-    batch_size: int
-    protocol: str
-    num_train_iterations: int
-    val_interval: int
-    num_val_tasks: int
-    save_interval: int
-    test_num_way: int
-    test_num_support: int
-    test_num_query: int
-    num_test_tasks: int
-    seed: int
-    device: torch.device
-    precision: str
-    data_dir: str | None
-    run_dir: Path
-    resume: bool
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device, precision: str, run_dir: Path,
-                  train_num_way: int | None = None) -> TrainSettings:
-        return cls(
-            train_num_way=train_num_way or args.num_way, num_support=args.num_support, num_query=args.num_query,
-            batch_size=args.batch_size, protocol=args.protocol, num_train_iterations=args.num_train_iterations,
-            val_interval=args.val_interval, num_val_tasks=args.num_val_tasks, save_interval=args.save_interval,
-            test_num_way=args.test_num_way or args.num_way, test_num_support=args.test_num_support or args.num_support,
-            test_num_query=args.test_num_query or args.num_query, num_test_tasks=args.num_test_tasks,
-            seed=args.seed, device=device, precision=precision, data_dir=args.data_dir, run_dir=run_dir,
-            resume=args.resume)
-
-
-def check_drawings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse support + query sets that an Omniglot character (20 drawings) cannot fill."""
-    for prefix, k, q in (("", args.num_support, args.num_query),
-                         ("test_", args.test_num_support or args.num_support, args.test_num_query or args.num_query)):
-        if k + q > NUM_DRAWINGS:
-            parser.error(f"--{prefix}num_support + --{prefix}num_query = {k + q}, but an Omniglot character has "
-                         f"only {NUM_DRAWINGS} drawings")
-    check_batch_memory(parser, args)
-
-
-def check_batch_memory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse a meta-batch whose images alone (float32 28x28) exceed the memory of every device here, and
-    task counts whose per-task accuracies (Python floats, then results.json) could not be held."""
-    way = max(getattr(args, "train_num_way", None) or args.num_way, getattr(args, "test_num_way", None) or 0)
-    shots = max(args.num_support + args.num_query, (args.test_num_support or 0) + (args.test_num_query or 0))
-    try:
-        check_fits(4 * 28 * 28 * args.batch_size * way * shots,
-                   f"--batch_size {args.batch_size} tasks of {way} classes x {shots} images", "lower --batch_size")
-        check_fits(32 * max(args.num_val_tasks, args.num_test_tasks), f"--num_val_tasks {args.num_val_tasks} / "
-                   f"--num_test_tasks {args.num_test_tasks} (an accuracy per task)", "lower them")
-    except CS330Error as err:
-        parser.error(str(err))
-
-
 # ---------------------------------------------------------------------------- the loop
 class MetaTrainer:
     """Owns the data, the run folder and the loop for one run of one meta-learner (in this process;
-    under ``torchrun``, one rank's part of it)."""
+    under ``torchrun``, one rank's part of it, through ``self.parallel``)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, settings: TrainSettings,
                  hparams: dict) -> None:
-        self.world = distributed.init_from_env(settings.device)  # one process: nothing happens
-        distributed.check_batch_split(settings.batch_size, self.world)
-        self.settings = s = replace(settings, device=self.world.device)  # cuda -> cuda:LOCAL_RANK
+        self.parallel = DataParallel.join(settings.device, batch_size=settings.batch_size)  # one process: nothing
+        self.settings = s = replace(settings, device=self.parallel.device)  # cuda -> cuda:LOCAL_RANK
         self.model = model.to(s.device)
         if s.precision == "bf16":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.parallel.track_batch_norm(self.model)  # ProtoNet's running statistics
         self.optimizer = optimizer
         self.hparams = hparams
-        # Rank 0 first (it may download and cache the data), then the others read its cache.
-        store = distributed.run_on_main(lambda: OmniglotStore.load(s.data_dir), self.world)
-        self.store = store if self.world.is_main else OmniglotStore.load(s.data_dir)
-        # Running statistics that the ranks' shares of the tasks update separately (ProtoNet's).
-        self._bn = distributed.bn_layers(self.model) if self.world.enabled else []
+        self.store = self.parallel.main_first(lambda: OmniglotStore.load(s.data_dir))
         self._splits: dict[str, torch.Tensor] = {}
         self._check_class_counts()
 
@@ -257,139 +112,59 @@ class MetaTrainer:
     def sampler(self, split: str, num_way: int, num_support: int, num_query: int, seed: int) -> EpisodeSampler:
         return EpisodeSampler(self.split(split), num_way, num_support, num_query, self.settings.device, seed)
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for ``--precision bf16`` (ProtoNet's; MAML and ANIL set their own precision)."""
+        return torch.autocast(self.settings.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16")
+
+    # ------------------------------------------------------------ one training step
+    def train_step(self, run: RunFolder | FollowerRun, episodes: Episodes, step: int) -> dict[str, float]:
+        """One meta-batch (all of it: this rank trains on its share): the meta-loss, the whole meta-batch's
+        gradient, one update. Returns the loss (and every LOG_INTERVAL steps every metric) as means
+        over all the tasks, the same on every rank."""
+        episodes = self.parallel.my_share(episodes)  # [B/N, ...] under torchrun, else all of it
+        with self.autocast():
+            loss, metrics = self.model(episodes)
+        logged = metrics if step % LOG_INTERVAL == 0 else {"loss": metrics["loss"]}
+        means = self.parallel.mean({k: v.mean() for k, v in logged.items()})
+        run.check_loss(means["loss"], step)  # NaN/inf stops every rank here, before the update
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.parallel.sync(self.model)  # the whole meta-batch's gradient
+        self.optimizer.step()
+        return means
+
+    # ------------------------------------------------------------ evaluation
     def evaluate(self, split: str, num_tasks: int, num_way: int, num_support: int, num_query: int,
                  ) -> dict[str, list[float]]:
-        """Per-task metrics on ``num_tasks`` fixed tasks (the same tasks for every model).
-
-        Several processes: every rank draws every batch (so the tasks are one process's) and
-        evaluates batches r, r+N, r+2N, ...; the batches are gathered back in order, so the lists
-        (and their means) are the single-process ones.
-        """
-        s, world = self.settings, self.world
+        """Per-task metrics on ``num_tasks`` fixed tasks (the same tasks for every model). Under torchrun
+        the batches are shared out over the ranks and gathered back in order (``DataParallel.evaluate``),
+        so the lists are the single-process ones."""
+        batch_size = self.settings.batch_size
         sampler = self.sampler(split, num_way, num_support, num_query, EVAL_SEED)
-        bn_start = distributed.bn_snapshot(self._bn)
+        batches = (sampler.sample(min(batch_size, num_tasks - done)) for done in range(0, num_tasks, batch_size))
         self.model.eval()
-        batches = []  # (batch index, {metric: per-task values}, batch-norm update) of this rank's batches
-        with torch.no_grad():
-            for index, done in enumerate(range(0, num_tasks, s.batch_size)):
-                episodes = sampler.sample(min(s.batch_size, num_tasks - done))
-                if index % world.world_size != world.rank:
-                    continue
-                bn_before = distributed.bn_snapshot(self._bn)
-                per_task: dict[str, list[float]] = {}
-                # A model that normalizes with batch statistics sees one task per forward, so
-                # the statistics (and its predictions) are per task, never mixed across tasks.
-                chunks = split_tasks(episodes) if self.model.per_task_eval else [episodes]
-                for chunk in chunks:
-                    with autocast(s.device, s.precision):
-                        _, metrics = self.model(chunk)
-                    metrics.pop("loss")
-                    for key, value in metrics.items():
-                        per_task.setdefault(key, []).extend(value.tolist())
-                batches.append((index, per_task, distributed.bn_update_since(self._bn, bn_before)))
+        with torch.no_grad():  # MAML's inner loop still differentiates (torch.func.grad ignores it)
+            scores = self.parallel.evaluate(batches, self._score)
         self.model.train()
-        batches = sorted(distributed.gather_lists(batches, world), key=lambda batch: batch[0])
-        if self._bn:  # running statistics as one process would have updated them, batch after batch
-            distributed.bn_replay(self._bn, bn_start, [update for _, _, update in batches])
         merged: dict[str, list[float]] = {}
-        for _, per_task, _ in batches:
+        for per_task in scores:
             for key, values in per_task.items():
                 merged.setdefault(key, []).extend(values)
         return merged
 
-    def run(self, test_only: bool = False, checkpoint_step: int = -1) -> Path:
-        """What the script was asked for: evaluate a checkpoint (``test_only``) or train, then test."""
-        s, world = self.settings, self.world
-        if test_only:
-            # Rank 0 reads the checkpoint and sends it (the run folder may be on its machine only).
-            state = distributed.run_on_main(lambda: load_checkpoint(s.run_dir, checkpoint_step, self._location),
-                                            world, share=True)
-            with self._open_run(resume=True):
-                distributed.run_on_main(lambda: check_model(s.run_dir, state, self.model), world)
-                self._test_checkpoint(state)
-        else:
-            with self._open_run(resume=s.resume, test_hint="--test to evaluate it") as run:
-                self._train(run)
-        distributed.destroy(world)
-        return s.run_dir
+    def _score(self, episodes: Episodes) -> dict[str, list[float]]:
+        """Per-task metrics of one evaluation batch. A model that normalizes with batch statistics sees
+        one task per forward, so the statistics (and its predictions) are never mixed across tasks."""
+        per_task: dict[str, list[float]] = {}
+        for chunk in split_tasks(episodes) if self.model.per_task_eval else [episodes]:
+            with self.autocast():
+                _, metrics = self.model(chunk)
+            metrics.pop("loss")
+            for key, value in metrics.items():
+                per_task.setdefault(key, []).extend(value.tolist())
+        return per_task
 
-    @property
-    def _location(self) -> str | torch.device:
-        """Where checkpoints are loaded: the device, or the CPU when rank 0 sends them to the others."""
-        return "cpu" if self.world.enabled else self.settings.device
-
-    def _open_run(self, resume: bool, test_hint: str = "") -> RunFolder | distributed.FollowerRun:
-        """Rank 0 opens the run folder (lock, resume rules); a refusal stops every rank. The other
-        ranks get a :class:`FollowerRun`, which writes nothing."""
-        s = self.settings
-        run = distributed.run_on_main(lambda: RunFolder.open(s.run_dir, self.hparams, resume=resume,
-                                                             resumable=RESUMABLE_FLAGS, test_hint=test_hint,
-                                                             length_flag="num_train_iterations"), self.world)
-        return run if self.world.is_main else distributed.FollowerRun()
-
-    def _train(self, run: RunFolder | distributed.FollowerRun) -> None:
-        s, world = self.settings, self.world
-        start_step, elapsed, reached_target = 0, 0.0, None
-        train_sampler = self.sampler("train", s.train_num_way, s.num_support, s.num_query, s.seed)
-        state = distributed.run_on_main(lambda: run.resume_state(map_location=self._location, model=self.model),
-                                        world, share=True)
-        if state is not None:  # every rank continues from rank 0's checkpoint
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            train_sampler.load_state_dict(state["sampler"])
-            restore_rng_state(state["rng"])
-            start_step, elapsed, reached_target = state["step"], state["elapsed"], state.get("time_to_val_target")
-        logger = run.logger(start_step=start_step, total_steps=s.num_train_iterations)
-        logger.write(f"run folder: {s.run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
-                     + (f" ({world.world_size} processes)" if world.enabled else ""))
-        tic = time.perf_counter() - elapsed
-        for step in range(start_step + 1, s.num_train_iterations + 1):
-            # Every rank draws the whole meta-batch (cheap), so the sampler state is the same everywhere.
-            episodes = self._my_tasks(train_sampler.sample(s.batch_size))
-            bn_before = distributed.bn_snapshot(self._bn)
-            with autocast(s.device, s.precision):
-                loss, metrics = self.model(episodes)
-            # Means over all tasks (every rank has the same values, so all ranks stop together on NaN).
-            logged = metrics if step % LOG_INTERVAL == 0 else {"loss": metrics["loss"]}
-            means = distributed.mean_over_ranks({k: v.mean() for k, v in logged.items()}, world)
-            run.check_loss(means["loss"], step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(self.model.parameters(), world)  # the whole meta-batch's gradient
-            # After backward: batch norm's backward may read the running statistics it saved.
-            distributed.bn_sync(self._bn, bn_before, world)  # as if one process ran all the tasks in order
-            self.optimizer.step()
-            if step % LOG_INTERVAL == 0:
-                logger.log({f"train/{k}": v for k, v in means.items()}, step)
-                logger.advance(step, loss=means["loss"], acc=means["query_acc"])
-            if step % s.val_interval == 0 or step == s.num_train_iterations:
-                val = self.evaluate("val", s.num_val_tasks, s.train_num_way, s.num_support, s.num_query)
-                val_means = {k: mean_ci95(v)[0] for k, v in val.items()}
-                logger.log({f"val/{k}": v for k, v in val_means.items()}, step)
-                logger.log({"time/wall_seconds": time.perf_counter() - tic}, step)
-                if reached_target is None and val_means["query_acc"] >= VAL_TARGET:
-                    reached_target = time.perf_counter() - tic
-            if step % s.save_interval == 0 or step == s.num_train_iterations:
-                run.save(step, {
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "sampler": train_sampler.state_dict(), "rng": capture_rng_state(),
-                    "elapsed": time.perf_counter() - tic, "time_to_val_target": reached_target,
-                })
-        logger.advance(s.num_train_iterations)
-        results = self.test(logger)
-        logger.finish({**results, "train_seconds": time.perf_counter() - tic,
-                       f"seconds_to_val_acc_{VAL_TARGET}": reached_target})
-        logger.close()
-
-    def _my_tasks(self, episodes: Episodes) -> Episodes:
-        """This rank's equal, contiguous share of a meta-batch (all of it for one process): rank r
-        of N takes tasks [r*B/N, (r+1)*B/N), so the shares in rank order are the meta-batch."""
-        if not self.world.enabled:
-            return episodes
-        tasks = distributed.shard(0, self.settings.batch_size, self.world)
-        return Episodes(*(t[tasks] for t in episodes))
-
-    def test(self, logger: RunLogger | distributed.QuietLogger | None = None) -> dict[str, float]:
+    def test(self, logger: RunLogger | QuietLogger | None = None) -> dict[str, float]:
         """Mean query accuracy over the test tasks with its 95% interval."""
         s = self.settings
         per_task = self.evaluate("test", s.num_test_tasks, s.test_num_way, s.test_num_support, s.test_num_query)
@@ -406,20 +181,92 @@ class MetaTrainer:
                    f"{s.num_test_tasks} tasks): {100 * mean:.2f}% +- {100 * ci:.2f}% (95% interval)")
         if logger is not None:
             logger.write(message)
-        elif self.world.is_main:
+        elif self.parallel.is_main:
             print(message)
         return results
+
+    # ------------------------------------------------------------ the run
+    def run(self, test_only: bool = False, checkpoint_step: int = -1) -> Path:
+        """What the script was asked for: evaluate a checkpoint (``test_only``) or train, then test."""
+        s, parallel = self.settings, self.parallel
+        if test_only:
+            state = parallel.read_checkpoint(s.run_dir, checkpoint_step)
+            with self._open_run(resume=True):
+                parallel.on_main(lambda: check_model(s.run_dir, state, self.model))
+                self._test_checkpoint(state)
+        else:
+            with self._open_run(resume=s.resume, test_hint="--test to evaluate it") as run:
+                self._train(run)
+        parallel.close()
+        return s.run_dir
+
+    def _open_run(self, resume: bool, test_hint: str = "") -> RunFolder | FollowerRun:
+        s = self.settings
+        return self.parallel.open_run(lambda: RunFolder.open(
+            s.run_dir, self.hparams, resume=resume, resumable=RESUMABLE_FLAGS, test_hint=test_hint,
+            length_flag="num_train_iterations"))
+
+    def _train(self, run: RunFolder | FollowerRun) -> None:
+        s = self.settings
+        train_sampler = self.sampler("train", s.train_num_way, s.num_support, s.num_query, s.seed)
+        start_step, elapsed, reached_target = self._resume(run, train_sampler)
+        logger = run.logger(start_step=start_step, total_steps=s.num_train_iterations)
+        logger.write(f"run folder: {s.run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
+                     + self.parallel.processes_note)
+        tic = time.perf_counter() - elapsed
+        for step in range(start_step + 1, s.num_train_iterations + 1):
+            # Every rank draws the whole meta-batch (cheap), so the sampler state is the same everywhere.
+            means = self.train_step(run, train_sampler.sample(s.batch_size), step)
+            if step % LOG_INTERVAL == 0:
+                logger.log({f"train/{k}": v for k, v in means.items()}, step)
+                logger.advance(step, loss=means["loss"], acc=means["query_acc"])
+            if step % s.val_interval == 0 or step == s.num_train_iterations:
+                reached_target = self._validate(logger, step, tic, reached_target)
+            if step % s.save_interval == 0 or step == s.num_train_iterations:
+                run.save(step, {
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "sampler": train_sampler.state_dict(), "rng": capture_rng_state(),
+                    "elapsed": time.perf_counter() - tic, "time_to_val_target": reached_target,
+                })
+        logger.advance(s.num_train_iterations)
+        results = self.test(logger)
+        logger.finish({**results, "train_seconds": time.perf_counter() - tic,
+                       f"seconds_to_val_acc_{VAL_TARGET}": reached_target})
+        logger.close()
+
+    def _resume(self, run: RunFolder | FollowerRun, train_sampler: EpisodeSampler) -> tuple[int, float, float | None]:
+        """Continue from rank 0's checkpoint, on every rank: (its step, its training seconds, its seconds
+        to VAL_TARGET); (0, 0, None) for a fresh run."""
+        state = self.parallel.resume_state(run, self.model)
+        if state is None:
+            return 0, 0.0, None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        train_sampler.load_state_dict(state["sampler"])
+        restore_rng_state(state["rng"])
+        return state["step"], state["elapsed"], state.get("time_to_val_target")
+
+    def _validate(self, logger: RunLogger | QuietLogger, step: int, tic: float, reached_target: float | None,
+                  ) -> float | None:
+        """Validate and log; returns the seconds to first reach VAL_TARGET (None while not reached)."""
+        s = self.settings
+        val = self.evaluate("val", s.num_val_tasks, s.train_num_way, s.num_support, s.num_query)
+        val_means = {k: mean_ci95(v)[0] for k, v in val.items()}
+        logger.log({f"val/{k}": v for k, v in val_means.items()}, step)
+        logger.log({"time/wall_seconds": time.perf_counter() - tic}, step)
+        if reached_target is None and val_means["query_acc"] >= VAL_TARGET:
+            return time.perf_counter() - tic
+        return reached_target
 
     def _test_checkpoint(self, state: dict) -> None:
         s = self.settings
         self.model.load_state_dict(state["model"])
         results = self.test()
-        if self.world.is_main:
+        if self.parallel.is_main:
             name = (f"test_way{s.test_num_way}_shot{s.test_num_support}"
                     f"_query{s.test_num_query}_step{state['step']}.json")
             write_json(s.run_dir / name, {"checkpoint_step": state["step"], **results})
             print(f"wrote {s.run_dir / name}")
-
 
 def split_tasks(episodes: Episodes) -> Iterator[Episodes]:
     """Each task of a meta-batch as a meta-batch of one (keeps the batch dimension)."""

@@ -1,5 +1,6 @@
 """The command line ft.py and icl.py share: their common flags, the run folder and its name's
-common parts, the precision policy and the Ctrl-C message. (The checked model load is
+common parts, the task data they check every k against, the precision policy and the Ctrl-C
+message. (The checked model load is
 ``models.load_model``; the results table, also experiments.py's, is in ``results.py``.)"""
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from common.cli import add_run_args, int_list, positive_int
 from common.device import resolve_device, resolve_precision
 from common.errors import CS330Error
 from common.runlog import runs_root
-from hw3_lm_fewshot.data import TASKS
-from hw3_lm_fewshot.models import MODEL_CHOICES
+from hw3_lm_fewshot.data import TASKS, TaskData, load_task, sample_support
+from hw3_lm_fewshot.models import MODEL_CHOICES, ModelSpec, resolve_model
 
 T = TypeVar("T")
 
@@ -100,6 +101,16 @@ def run_precision(args: argparse.Namespace) -> str:
 def run_dir_for(args: argparse.Namespace, run_name: str) -> Path:
     """``--log_dir`` if given, else ``runs/hw3_lm_fewshot/<run name>``."""
     return Path(args.log_dir) if args.log_dir else runs_root() / HOMEWORK / run_name
+
+
+def checked_spec_and_task(args: argparse.Namespace) -> tuple[ModelSpec, TaskData]:
+    """The run's model spec and task data, with a support set of every ``--k`` drawn once (a k the
+    task cannot fill is one error line, before any model loads)."""
+    spec = resolve_model(args.model, args.data_dir)
+    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
+    for k in args.k:
+        sample_support(task, k, args.seed)
+    return spec, task
 
 
 def result_size_parts(args: argparse.Namespace) -> dict:

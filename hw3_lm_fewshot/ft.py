@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import distributed
 from common.cli import learning_rate, non_negative_int, positive_int, unit_interval
 from common.device import autocast, resolve_device, resolve_precision, setup_compute
+from common.distributed import DataParallel, World, leave_after_main
 from common.errors import CS330Error, cli_main
 from common.memory import peak_memory_mb, reset_peak_memory
 from common.run import RunFolder
@@ -52,6 +52,7 @@ from common.seeding import seed_everything
 from hw3_lm_fewshot.cli import (
     FP32_BECAUSE,
     add_common_args,
+    checked_spec_and_task,
     each_run,
     exits_on_interrupt,
     only_run,
@@ -60,10 +61,10 @@ from hw3_lm_fewshot.cli import (
     run_dir_for,
     run_precision,
 )
-from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, load_task, sample_support
+from hw3_lm_fewshot.data import NUM_AMAZON_CLASSES, Example, TaskData, sample_support
 from hw3_lm_fewshot.generation import encode_prompt, generate_answers, truncate_left
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import ModelSpec, count_parameters, load_model, model_skeleton, resolve_model
+from hw3_lm_fewshot.models import ModelSpec, count_parameters, load_model, model_skeleton
 from hw3_lm_fewshot.modes import MODE_HELP, apply_mode, check_mode_fits, parse_mode
 from hw3_lm_fewshot.prompts import (
     DEFAULT_PROMPT,
@@ -121,29 +122,29 @@ def support_accuracy(model, batch: dict[str, torch.Tensor], classifier: bool, pr
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: bool,
-               world: distributed.World) -> torch.Tensor:
+               parallel: DataParallel) -> torch.Tensor:
     """The loss of this rank's share of a batch, scaled so that the ranks' gradients averaged by
-    :func:`common.distributed.average_gradients` are the gradient of the whole batch's loss.
+    ``DataParallel.sync`` are the gradient of the whole batch's loss.
 
     Classification: a mean over examples, and the shares are equal, so the mean of the ranks' means is
     the whole batch's mean. A causal LM's loss is a mean over answer tokens, whose count differs
     between shares: each rank divides its token-loss sum by the whole batch's count over N instead.
     """
-    if classifier or not world.enabled:
+    if classifier or not parallel.world.enabled:
         return model(**batch).loss
     answer_tokens = (batch["labels"][:, 1:] != -100).sum().float()  # the tokens the loss is taken over
     torch.distributed.all_reduce(answer_tokens)  # the whole batch's count
-    return model(**batch, num_items_in_batch=answer_tokens / world.world_size).loss
+    return model(**batch, num_items_in_batch=answer_tokens / parallel.world.world_size).loss
 
 
 def check_finite_loss(value: float, step: int, k: int, mode: str, seed: int, lr: float,
-                      world: distributed.World | None = None) -> None:
+                      parallel: DataParallel | None = None) -> None:
     """Stop the run at the first NaN/inf loss. hw3 keeps no checkpoints, so unlike
     :func:`common.checkpoint.ensure_finite` the message offers no ``--resume``. Every rank sees the
     same (averaged) loss; rank 0 prints the error and the others leave quietly after it."""
     if not math.isfinite(value):
-        if world is not None and not world.is_main:
-            distributed.leave_after_main(2)
+        if parallel is not None and not parallel.is_main:
+            leave_after_main(2)
         raise CS330Error(f"the training loss became {value} at step {step} (k={k}, mode {mode}, seed {seed}); "
                          f"the run stopped and nothing was saved. Lower --lr (it was {lr:g}) or check the data, "
                          "then rerun")
@@ -171,7 +172,7 @@ def batch_maker(tokenizer, task: str, args: argparse.Namespace,
 
 def train_on_support(model: nn.Module, make_batch, support: list[Example], k: int, seed: int,
                      args: argparse.Namespace, precision: str, classifier: bool, logger: RunLogger | None,
-                     world: distributed.World) -> Training:
+                     parallel: DataParallel) -> Training:
     """AdamW on shuffled batches of ``support`` until ``--max_steps`` or until the support accuracy,
     checked every ``--eval_every`` steps from ``--min_steps`` on, reaches ``--early_stop_acc``."""
     start, steps, support_acc, tokens = time.time(), 0, float("nan"), 0
@@ -185,15 +186,14 @@ def train_on_support(model: nn.Module, make_batch, support: list[Example], k: in
         if len(order) < args.batch_size:  # reshuffle once the epoch runs out
             order += rng.permutation(len(support)).tolist()
         batch_ids, order = order[:args.batch_size], order[args.batch_size:]
-        my_ids = batch_ids[distributed.shard(0, args.batch_size, world)]  # all of them for one process
-        batch = make_batch([support[i] for i in my_ids])
+        batch = make_batch([support[i] for i in parallel.my_share(batch_ids)])  # this rank's examples
         tokens += int(batch["attention_mask"].sum())
-        with autocast(world.device, precision):
-            loss = batch_loss(model, batch, classifier, world)
-        loss_value = distributed.mean_over_ranks({"loss": loss}, world)["loss"]  # the whole batch's loss
-        check_finite_loss(loss_value, steps, k, args.mode, seed, args.lr, world)  # before the update it would poison
+        with autocast(parallel.device, precision):
+            loss = batch_loss(model, batch, classifier, parallel)
+        loss_value = parallel.mean({"loss": loss})["loss"]  # the whole batch's loss
+        check_finite_loss(loss_value, steps, k, args.mode, seed, args.lr, parallel)  # before the update it would poison
         loss.backward()
-        distributed.average_gradients(trainable_params, world)
+        parallel.sync(trainable_params)  # the whole batch's gradient
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if logger is not None:
@@ -208,11 +208,11 @@ def train_on_support(model: nn.Module, make_batch, support: list[Example], k: in
 
 @torch.inference_mode()
 def predict(model: nn.Module, tokenizer, task: TaskData, make_batch, args: argparse.Namespace, precision: str,
-            world: distributed.World) -> list:
+            parallel: DataParallel) -> list:
     """The predictions for the whole evaluation set, in its order (each rank scores its share)."""
     model.eval()
-    my_eval = task.eval[eval_share(len(task.eval), world)]
-    with autocast(world.device, precision):
+    my_eval = task.eval[parallel.my_portion(len(task.eval))]
+    with autocast(parallel.device, precision):
         if task.name == "amazon":
             predictions = []
             for i in range(0, len(my_eval), args.batch_size):
@@ -222,47 +222,41 @@ def predict(model: nn.Module, tokenizer, task: TaskData, make_batch, args: argpa
             queries = [encode_prompt(tokenizer, model, build_prompt(task.name, args.prompt_format, [], ex.x),
                                      max_new, args.max_context) for ex in my_eval]
             predictions = generate_answers(model, tokenizer, queries, max_new, args.batch_size)
-    return distributed.gather_lists(predictions, world)  # rank order is evaluation-set order
+    return parallel.gather(predictions)  # rank order is evaluation-set order
 
 
 def run_ft(spec: ModelSpec, task: TaskData, k: int, seed: int, args: argparse.Namespace,
-           logger: RunLogger | None = None, world: distributed.World | None = None) -> dict:
+           logger: RunLogger | None = None, parallel: DataParallel | None = None) -> dict:
     """Fine-tune a fresh copy of the model (``--mode``) on k support examples, then score it on the
     evaluation set. ``args`` comes from :func:`parse_args`.
 
-    Under torchrun (``world``) each rank trains on its share of every batch and scores its share of
+    Under torchrun (``parallel``) each rank trains on its share of every batch and scores its share of
     the evaluation set; every rank returns the same result.
     """
     start = time.time()
-    world = world or distributed.World(device=resolve_device(args.device))
-    reset_peak_memory(world.device)
-    precision, _ = resolve_precision(args.precision, world.device, fp32_because=FP32_BECAUSE)  # main prints why
+    parallel = parallel or DataParallel(World(device=resolve_device(args.device)))  # one process
+    reset_peak_memory(parallel.device)
+    precision, _ = resolve_precision(args.precision, parallel.device, fp32_because=FP32_BECAUSE)  # main prints why
     classifier = task.name == "amazon"
     support = sample_support(task, k, seed)
     seed_everything(seed)  # the fresh head and the batch order depend on it
     model, tokenizer = load_model(spec, classifier, NUM_AMAZON_CLASSES)
-    model = apply_mode(model, args.mode, classifier).to(world.device)
+    model = apply_mode(model, args.mode, classifier).to(parallel.device)
     trainable, total = count_parameters(model)
-    make_batch = batch_maker(tokenizer, task.name, args, world.device)
-    training = (train_on_support(model, make_batch, support, k, seed, args, precision, classifier, logger, world)
+    make_batch = batch_maker(tokenizer, task.name, args, parallel.device)
+    training = (train_on_support(model, make_batch, support, k, seed, args, precision, classifier, logger, parallel)
                 if support else Training())  # k = 0: the pre-trained model as it is
-    predictions = predict(model, tokenizer, task, make_batch, args, precision, world)
+    predictions = predict(model, tokenizer, task, make_batch, args, precision, parallel)
     references = [ex.y for ex in task.eval]
     return {
         "method": "ft", "mode": args.mode, "k": k, "seed": seed, "metric": TASK_METRIC[task.name],
         "score": score(task.name, predictions, references), "trainable_params": trainable, "total_params": total,
         "steps": training.steps, "support_acc": training.support_acc, "seconds": time.time() - start,
         "train_seconds": training.seconds,
-        "train_tokens_per_s": training.tokens * world.world_size / max(training.seconds, 1e-9),
-        "peak_memory_mb": peak_memory_mb(world.device),
+        "train_tokens_per_s": training.tokens * parallel.world.world_size / max(training.seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(parallel.device),
         "examples": [{"prediction": p, "reference": r} for p, r in list(zip(predictions, references))[:3]],
     }
-
-
-def eval_share(num_examples: int, world: distributed.World) -> slice:
-    """This rank's contiguous share of the evaluation set (shares differ by at most one example)."""
-    bounds = np.linspace(0, num_examples, world.world_size + 1).round().astype(int)
-    return slice(int(bounds[world.rank]), int(bounds[world.rank + 1]))
 
 
 # ---------------------------------------------------------------------------- flags and main
@@ -332,10 +326,7 @@ def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
 
 def load_inputs(args: argparse.Namespace) -> tuple[ModelSpec, TaskData]:
     """The model spec and the task data, with every support size and the model load checked."""
-    spec = resolve_model(args.model, args.data_dir)
-    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
-    for k in args.k:
-        sample_support(task, k, args.seed)
+    spec, task = checked_spec_and_task(args)
     check_mode_fits(model_skeleton(spec, args.dataset == "amazon"), args.mode)  # the config alone, no weights
     model, tokenizer = load_model(spec, args.dataset == "amazon", NUM_AMAZON_CLASSES)  # each run loads a fresh copy
     if args.dataset != "amazon":  # the evaluation generates after each bare query
@@ -344,18 +335,18 @@ def load_inputs(args: argparse.Namespace) -> tuple[ModelSpec, TaskData]:
 
 
 def fine_tune(args: argparse.Namespace, spec: ModelSpec, task: TaskData, precision: str,
-              world: distributed.World) -> list[dict]:
+              parallel: DataParallel) -> list[dict]:
     """One run: every k and seed of ``args`` in its run folder; the results of each."""
     run_dir = run_folder(args, precision)
     results = []
     hparams = {**vars(args), "precision": precision}
-    run = distributed.run_on_main(lambda: RunFolder.open(run_dir, hparams), world) or distributed.FollowerRun()
+    run = parallel.open_run(lambda: RunFolder.open(run_dir, hparams))
     with run, run.logger(total_steps=len(args.k) * args.repeats, desc="ft") as logger:
         for k in args.k:
             for repeat in range(args.repeats):
-                results.append(run_ft(spec, task, k, args.seed + repeat, args, logger, world))
+                results.append(run_ft(spec, task, k, args.seed + repeat, args, logger, parallel))
                 logger.advance(len(results), score=results[-1]["score"])
-        if world.is_main:
+        if parallel.is_main:
             finish_runs(logger, results, task, run_dir)
     return results
 
@@ -366,15 +357,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs = parse_runs(argv)
     flags = runs[0]  # the run flags (device, precision, threads, batch size) are the same in every run
     device, precision = setup_compute(flags.device, flags.precision, flags.threads, fp32_because=FP32_BECAUSE)
-    world = distributed.init_from_env(device)  # one process: nothing happens
-    distributed.check_batch_split(flags.batch_size, world)
+    parallel = DataParallel.join(device, flags.batch_size)  # torchrun's group; one process: nothing
     # everything that can fail before training fails here, for every run, before a run folder exists
     # (rank 0 says why; the other ranks then leave quietly, else they repeat it)
-    inputs = [distributed.run_on_main(lambda args=args: load_inputs(args), world) or load_inputs(args)
-              for args in runs]
+    inputs = [parallel.main_first(lambda args=args: load_inputs(args)) for args in runs]
     results = [result for args, (spec, task) in zip(runs, inputs)
-               for result in fine_tune(args, spec, task, precision, world)]
-    distributed.destroy(world)
+               for result in fine_tune(args, spec, task, precision, parallel)]
+    parallel.close()
     return results
 
 

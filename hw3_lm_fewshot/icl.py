@@ -39,6 +39,7 @@ from common.seeding import seed_everything
 from hw3_lm_fewshot.cli import (
     FP32_BECAUSE,
     add_common_args,
+    checked_spec_and_task,
     each_run,
     exits_on_interrupt,
     only_run,
@@ -47,10 +48,10 @@ from hw3_lm_fewshot.cli import (
     run_dir_for,
     run_precision,
 )
-from hw3_lm_fewshot.data import TaskData, load_task, sample_support
+from hw3_lm_fewshot.data import TaskData, sample_support
 from hw3_lm_fewshot.generation import generate_answers, next_token_logits, prefix_cache
 from hw3_lm_fewshot.metrics import TASK_METRIC, score
-from hw3_lm_fewshot.models import ModelSpec, load_model, model_skeleton, resolve_model
+from hw3_lm_fewshot.models import ModelSpec, load_model, model_skeleton
 from hw3_lm_fewshot.prompts import (
     MAX_NEW_TOKENS,
     PROMPTS,
@@ -236,10 +237,7 @@ def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
 
 def checked_inputs(args: argparse.Namespace) -> tuple[ModelSpec, TaskData]:
     """The model spec (a causal LM, from its config alone) and the task data, every k checked."""
-    spec = resolve_model(args.model, args.data_dir)
-    task = load_task(args.dataset, seed=args.seed, n_eval=args.n_eval, data_dir=args.data_dir)
-    for k in args.k:
-        sample_support(task, k, args.seed)
+    spec, task = checked_spec_and_task(args)
     model_skeleton(spec, classifier=False)  # a causal LM? from the config alone, before any weights
     return spec, task
 

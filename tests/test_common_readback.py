@@ -187,7 +187,7 @@ def test_full_disk_at_start_is_one_line_and_leaves_no_folder(tmp_path, monkeypat
 
 def test_full_disk_writing_hparams_leaves_no_new_folder(tmp_path, monkeypatch):
     with RunFolder.open(tmp_path / "run", {"lr": 0.1}) as run:
-        monkeypatch.setattr("pathlib.Path.write_text", enospc)
+        monkeypatch.setattr("pathlib.Path.write_bytes", enospc)
         with pytest.raises(CS330Error, match="^no space left on .*run: hparams.json was not written"):
             run.logger()
     assert not (tmp_path / "run").exists()
@@ -202,7 +202,7 @@ def test_a_refused_second_start_keeps_the_first_runs_folder(tmp_path):
 
 def test_json_write_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     write_json(tmp_path / "results.json", {"acc": 1})
-    monkeypatch.setattr("pathlib.Path.write_text", enospc)
+    monkeypatch.setattr("pathlib.Path.write_bytes", enospc)
     with pytest.raises(CS330Error, match="^no space left on .*: results.json was not written"):
         write_json(tmp_path / "results.json", {"acc": 2})
     assert json.loads((tmp_path / "results.json").read_text()) == {"acc": 1}
@@ -238,7 +238,7 @@ def test_json_write_refused_by_the_system_is_one_line(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr("pathlib.Path.write_text", denied)
+    monkeypatch.setattr("pathlib.Path.write_bytes", denied)
     with pytest.raises(CS330Error, match=r"^cannot write .*hparams.json \(Permission denied\); make .* writable"):
         write_json(tmp_path / "hparams.json", {"lr": 0.1})
 

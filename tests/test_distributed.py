@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from common import distributed
-from common.distributed import World
+from common.distributed import DataParallel, World
 from common.errors import CS330Error
 from common.omniglot import Episodes, EpisodeSampler
 
@@ -37,7 +37,7 @@ MAML_NET = ["--num_filters", "8", "--conv_stride", "2"]
 # carry those biases; ProtoNet's last batch-norm shift moves every embedding alike on channels that no
 # ReLU cuts, which the distances to the prototypes cancel.
 ROUNDING_DRIVEN = {
-    "maml": ("meta_params.b0", "meta_params.b1", "meta_params.b2", "meta_params.b3"),
+    "maml": tuple(f"net.body.{i}.conv.bias" for i in range(4)),
     "protonet": ("embedding.layers.0.bias", "embedding.layers.4.bias", "embedding.layers.8.bias",
                  "embedding.layers.12.bias", "running_mean", "embedding.layers.13.bias"),
 }
@@ -199,15 +199,18 @@ def test_killed_distributed_run_resumes_to_the_uninterrupted_result(omniglot_dat
 
 # ---------------------------------------------------------------------------- the helpers, in one process
 def test_one_process_helpers_are_the_identity():
-    world = World()
-    assert not world.enabled and world.is_main
+    parallel = DataParallel(World())
+    assert not parallel.world.enabled and parallel.is_main and parallel.processes_note == ""
     grads = torch.nn.Linear(3, 2)
     grads.weight.grad = torch.ones(2, 3)
-    distributed.average_gradients(grads.parameters(), world)
+    parallel.sync(grads)
     assert torch.equal(grads.weight.grad, torch.ones(2, 3))
-    assert distributed.gather_lists([1, 2], world) == [1, 2]
-    assert distributed.run_on_main(lambda: 7, world) == 7
-    assert distributed.mean_over_ranks({"loss": torch.tensor(0.5)}, world) == {"loss": 0.5}
+    assert parallel.gather([1, 2]) == [1, 2]
+    assert parallel.on_main(lambda: 7) == 7 and parallel.main_first(lambda: 8) == 8
+    assert parallel.mean({"loss": torch.tensor(0.5)}) == {"loss": 0.5}
+    batch = Episodes(*(torch.arange(4) for _ in range(4)))
+    assert parallel.my_share(batch) is batch and parallel.my_portion(5) == slice(0, 5)
+    assert parallel.evaluate(iter([1, 2, 3]), lambda x: 10 * x) == [10, 20, 30]
 
 
 def test_shards_in_rank_order_are_the_meta_batch():
@@ -215,6 +218,11 @@ def test_shards_in_rank_order_are_the_meta_batch():
     assert [i for s in shares for i in range(8)[s]] == list(range(8))
     with pytest.raises(ValueError):
         distributed.shard(0, 6, World(rank=0, world_size=4))
+    # a list shares as a tensor batch does; uneven parts differ by one at most, in order
+    lists = [DataParallel(World(rank=r, world_size=4)).my_share(list(range(8))) for r in range(4)]
+    assert lists == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    parts = [DataParallel(World(rank=r, world_size=4)).my_portion(10) for r in range(4)]
+    assert [list(range(10)[p]) for p in parts] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
 
 
 def test_uneven_split_message_names_the_fixes():

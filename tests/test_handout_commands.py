@@ -18,15 +18,18 @@ Not accepted, on purpose: hw1's ``--num_workers`` and ``--image_caching`` config
 ``DataLoader``; ours samples episodes from the in-memory Omniglot store on the training device, so it
 has neither loader workers nor an uncached mode (none of the handout's lines uses them).
 
-A row our script cannot read yet as the course means it is marked ``xfail(strict=True)`` with the
-reason: once it can, the row passes, and strict makes that a failure until the mark is removed.
+hw2's test lines (``q3.sh``) give the test tasks' sizes with the training flags' names and take the
+rest from the run in ``--log_dir``: ours reads them so when that folder holds the run's
+``hparams.json`` (``hw2_protonet_maml/flags.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shlex
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -70,10 +73,17 @@ HW1_ROWS = [
 ]
 
 PROTONET, MAML = "hw2_protonet_maml.protonet", "hw2_protonet_maml.maml"
-HW2_TEST_SIZES = pytest.mark.xfail(strict=True, reason=(
-    "at --test the course's --num_support/--num_query are the test tasks' sizes and the run's other settings "
-    "come from its checkpoint; ours reads --num_support and the inner-loop flags as the training run's (refused "
-    "when they differ from its hparams.json) and spells the test sizes --test_num_support/--test_num_query"))
+# The course's test lines name a trained run's folder; the flags each folder name means (its
+# training command), from which the tests below write the run's hparams.json as our script would.
+HW2_TRAINED_RUNS = {
+    "./logs/protonet/omniglot.way_5.support_1.query_15.lr_0.001.batch_size_16":
+        (PROTONET, "python protonet.py --num_way 5 --num_support 1 --num_query 15 --learning_rate 0.001 "
+                   "--batch_size 16"),
+    "./logs/maml/omniglot.way_5.support_1.query_15.inner_steps_1.inner_lr_0.4.learn_inner_lrs_True.outer_lr_0.001."
+    "batch_size_16":
+        (MAML, "python maml.py --num_way 5 --num_support 1 --num_query 15 --num_inner_steps 1 --inner_lr 0.4 "
+               "--learn_inner_lrs --outer_lr 0.001 --batch_size 16"),
+}
 HW2_ROWS = [
     ("python protonet.py", PROTONET, {}),
     ("python protonet.py --num_support 1", PROTONET, {"num_support": 1}),
@@ -93,13 +103,13 @@ HW2_ROWS = [
         "python protonet.py --log_dir ./logs/protonet/omniglot.way_5.support_1.query_15.lr_0.001.batch_size_16 "
         "--num_way 5 --num_support 4 --num_query 10 --test --checkpoint_step 4200", PROTONET,
         {"test": True, "checkpoint_step": 4200, "num_way": 5, "num_support": 1, "test_num_support": 4,
-         "test_num_query": 10}, marks=HW2_TEST_SIZES, id="protonet-test-at-K"),
+         "test_num_query": 10, "test_num_way": 5}, id="protonet-test-at-K"),
     pytest.param(
         "python maml.py --log_dir ./logs/maml/omniglot.way_5.support_1.query_15.inner_steps_1.inner_lr_0.4."
         "learn_inner_lrs_True.outer_lr_0.001.batch_size_16 --num_way 5 --num_support 4 --num_query 10 --test "
         "--checkpoint_step 5200", MAML,
         {"test": True, "checkpoint_step": 5200, "num_support": 1, "learn_inner_lrs": True, "test_num_support": 4,
-         "test_num_query": 10}, marks=HW2_TEST_SIZES, id="maml-test-at-K"),
+         "test_num_query": 10, "num_query": 15}, id="maml-test-at-K"),
 ]
 
 # The starter code's defaults (what a handout line that leaves a flag out means) that ours does not
@@ -146,8 +156,22 @@ def test_hw1_handout_commands(command: str, expected: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("command", "module", "expected"), HW2_ROWS)
-def test_hw2_handout_commands(command: str, module: str, expected: dict[str, Any]) -> None:
+def test_hw2_handout_commands(command: str, module: str, expected: dict[str, Any], tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the course's relative --log_dir, with the trained run's hparams.json in it
+    for log_dir, (trained_with, training_command) in HW2_TRAINED_RUNS.items():
+        script = importlib.import_module(trained_with)
+        hparams = vars(parse(trained_with, training_command)) | {"precision": "fp32"}  # as the run wrote it
+        Path(log_dir).mkdir(parents=True)
+        (Path(log_dir) / "hparams.json").write_text(json.dumps(hparams))
+        assert script.run_folder(parse(trained_with, f"{training_command} --log_dir {log_dir}")) == Path(log_dir)
     assert_means(parse(module, command), expected)
+
+
+def test_hw2_test_line_without_a_trained_run_reads_our_flags(tmp_path, monkeypatch) -> None:
+    """Without the run's hparams.json there are no run settings to read: --num_support is the training's."""
+    monkeypatch.chdir(tmp_path)
+    args = parse(MAML, "python maml.py --log_dir elsewhere --num_support 4 --test")
+    assert (args.num_support, args.test_num_support, args.test_num_query) == (4, 4, 15)
 
 
 def test_hw0_defaults_are_the_courses_but_the_listed_ones() -> None:

@@ -18,7 +18,8 @@ from hw2_protonet_maml import anil as anil_script
 from hw2_protonet_maml import maml as maml_script
 from hw2_protonet_maml import protonet as protonet_script
 from hw2_protonet_maml.anil import ANIL, reference_anil_loss
-from hw2_protonet_maml.maml import MAML, reference_maml_loss
+from hw2_protonet_maml.maml import MAML, TaskVmapMAML, reference_maml_loss
+from hw2_protonet_maml.networks import ConvNet
 from hw2_protonet_maml.protonet import proto_logits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +36,13 @@ def tiny_episodes(batch=3, way=3, shot=2, query=2, size=8, seed=0) -> Episodes:
     )
 
 
+def reference_loss(model: MAML, episodes: Episodes, num_inner_steps: int | None = None) -> torch.Tensor:
+    """The plain loop's meta-loss for ``model``'s network, rates and settings."""
+    steps = model.num_inner_steps if num_inner_steps is None else num_inner_steps
+    return reference_maml_loss(model.net, model.meta_params(), episodes, model.inner_lr_dict(), steps,
+                               model.first_order)
+
+
 def meta_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in named])
@@ -45,11 +53,11 @@ def meta_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Te
 @pytest.mark.parametrize("learn_lrs", [False, True])
 @pytest.mark.parametrize("vmap_tasks", [False, True])
 def test_maml_meta_gradient_matches_per_task_loop(steps, learn_lrs, vmap_tasks):
-    model = MAML(num_way=3, num_inner_steps=steps, inner_lr=0.1, learn_inner_lrs=learn_lrs,
-                 hidden_channels=4, seed=0, vmap_tasks=vmap_tasks).double()
+    model = (TaskVmapMAML if vmap_tasks else MAML)(ConvNet(3, hidden_channels=4, seed=0), num_inner_steps=steps,
+                                                   inner_lr=0.1, learn_inner_lrs=learn_lrs).double()
     episodes = tiny_episodes()
     fast = meta_grads(model, model(episodes)[0])
-    slow = meta_grads(model, reference_maml_loss(model, episodes))
+    slow = meta_grads(model, reference_loss(model, episodes))
     assert fast.keys() == slow.keys()
     assert any(k.startswith("inner_lrs") for k in fast) == learn_lrs
     for key in fast:
@@ -57,29 +65,29 @@ def test_maml_meta_gradient_matches_per_task_loop(steps, learn_lrs, vmap_tasks):
 
 
 def test_maml_compiled_query_pass_gives_the_same_meta_gradient():
-    model = MAML(num_way=3, inner_lr=0.1, learn_inner_lrs=True, hidden_channels=4, seed=0,
+    model = MAML(ConvNet(3, hidden_channels=4, seed=0), inner_lr=0.1, learn_inner_lrs=True,
                  compile_query=True).double()
     episodes = tiny_episodes()
     fast = meta_grads(model, model(episodes)[0])
-    slow = meta_grads(model, reference_maml_loss(model, episodes))
+    slow = meta_grads(model, reference_loss(model, episodes))
     for key in fast:
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("steps, learn_lrs, first_order", [(1, False, False), (3, True, False), (2, False, True)])
 def test_anil_meta_gradient_matches_its_plain_loop(steps, learn_lrs, first_order):
-    model = ANIL(num_way=3, num_inner_steps=steps, inner_lr=0.1, learn_inner_lrs=learn_lrs, first_order=first_order,
-                 hidden_channels=4, seed=0).double()
+    model = ANIL(ConvNet(3, hidden_channels=4, seed=0), num_inner_steps=steps, inner_lr=0.1,
+                 learn_inner_lrs=learn_lrs, first_order=first_order).double()
     episodes = tiny_episodes()
     fast = meta_grads(model, model(episodes)[0])
-    slow = meta_grads(model, reference_anil_loss(model, episodes))
-    assert fast.keys() == slow.keys() and any(k.startswith("body.") for k in fast)
+    slow = meta_grads(model, reference_anil_loss(model.net, episodes, dict(model.inner_lrs), steps, first_order))
+    assert fast.keys() == slow.keys() and any(k.startswith("net.body.") for k in fast)
     for key in fast:
         torch.testing.assert_close(fast[key], slow[key], atol=1e-6, rtol=0)
 
 
 def test_maml_sets_its_own_precision_an_outer_autocast_does_not_reach_it():
-    model = MAML(num_way=3, num_inner_steps=2, inner_lr=0.1, hidden_channels=4, seed=0)
+    model = MAML(ConvNet(3, hidden_channels=4, seed=0), num_inner_steps=2, inner_lr=0.1)
     episodes = Episodes(*(t.float() if t.is_floating_point() else t for t in tiny_episodes()))
     plain_loss, plain_metrics = model(episodes)
     plain = meta_grads(model, plain_loss)
@@ -103,8 +111,8 @@ BF16_META_GRADIENT_TOLERANCE = 0.08
 @pytest.mark.parametrize("steps", [1, 2])
 def test_maml_bf16_query_pass_meta_gradient_is_within_the_stated_tolerance(omniglot_store, steps):
     episodes = EpisodeSampler(omniglot_store.split("train"), 5, 1, 5, seed=0).sample(4)
-    exact = MAML(5, num_inner_steps=steps, inner_lr=0.4, hidden_channels=16, seed=0).double()
-    fast = MAML(5, num_inner_steps=steps, inner_lr=0.4, hidden_channels=16, seed=0, precision="bf16")
+    exact = MAML(ConvNet(5, hidden_channels=16, seed=0), num_inner_steps=steps, inner_lr=0.4).double()
+    fast = MAML(ConvNet(5, hidden_channels=16, seed=0), num_inner_steps=steps, inner_lr=0.4, precision="bf16")
     episodes64 = Episodes(*(t.double() if t.is_floating_point() else t for t in episodes))
     want = torch.cat([g.flatten() for g in meta_grads(exact, exact(episodes64)[0]).values()])
     got = torch.cat([g.flatten() for g in meta_grads(fast, fast(episodes)[0]).values()]).double()
@@ -128,15 +136,15 @@ def test_first_order_differs_from_second_order_where_it_should():
     episodes = tiny_episodes()
     grads = {}
     for first_order in (False, True):
-        model = MAML(3, num_inner_steps=2, inner_lr=0.1, first_order=first_order, hidden_channels=4).double()
+        model = MAML(ConvNet(3, hidden_channels=4), num_inner_steps=2, inner_lr=0.1, first_order=first_order).double()
         grads[first_order] = meta_grads(model, model(episodes)[0])
         # First order in both implementations agrees too.
-        torch.testing.assert_close(grads[first_order]["meta_params.conv0"],
-                                   meta_grads(model, reference_maml_loss(model, episodes))["meta_params.conv0"])
-    assert (grads[True]["meta_params.conv1"] - grads[False]["meta_params.conv1"]).abs().max() > 1e-6
+        conv0, conv1 = "net.body.0.conv.weight", "net.body.1.conv.weight"
+        torch.testing.assert_close(grads[first_order][conv0], meta_grads(model, reference_loss(model, episodes))[conv0])
+    assert (grads[True][conv1] - grads[False][conv1]).abs().max() > 1e-6
     # With zero inner steps there is nothing to differentiate through: the two coincide.
-    m2 = MAML(3, inner_lr=0.1, first_order=False, hidden_channels=4).double()
-    m1 = MAML(3, inner_lr=0.1, first_order=True, hidden_channels=4).double()
+    m2 = MAML(ConvNet(3, hidden_channels=4), inner_lr=0.1, first_order=False).double()
+    m1 = MAML(ConvNet(3, hidden_channels=4), inner_lr=0.1, first_order=True).double()
     g2 = meta_grads(m2, m2(episodes, num_inner_steps=0)[0])
     g1 = meta_grads(m1, m1(episodes, num_inner_steps=0)[0])
     for key in g1:
@@ -189,7 +197,7 @@ def test_protonet_relu_after_pooling_is_bit_identical_to_relu_before():
 
 def test_maml_adaptation_improves_support_accuracy(omniglot_store):
     sampler = EpisodeSampler(omniglot_store.split("train"), 5, 1, 5, seed=0)
-    model = MAML(5, num_inner_steps=3, inner_lr=0.4, hidden_channels=16, seed=0)
+    model = MAML(ConvNet(5, hidden_channels=16, seed=0), num_inner_steps=3, inner_lr=0.4)
     with torch.no_grad():  # the inner loop still differentiates (torch.func.grad ignores an outer no_grad)
         _, metrics = model(sampler.sample(8))
     assert metrics["support_acc_post"].mean() > metrics["support_acc_pre"].mean() + 0.2

@@ -325,7 +325,7 @@ def ft_args(*extra: str):
 def test_every_mode_fine_tunes_end_to_end(tiny_models, arch, task, monkeypatch):
     """Two training steps in every mode change exactly what the mode trains (LoRA: the adapters and a
     copy of the head only), then the evaluation scores the trained model."""
-    from common.distributed import World
+    from common.distributed import DataParallel, World
     from hw3_lm_fewshot import ft
     from hw3_lm_fewshot.metrics import score
     from hw3_lm_fewshot.models import resolve_model
@@ -347,9 +347,9 @@ def test_every_mode_fine_tunes_end_to_end(tiny_models, arch, task, monkeypatch):
         args = ft_args("--mode", mode, "--dataset", task)
         result = ft.run_ft(spec, data, k=1, seed=0, args=args)
         trained, tokenizer = models[-1]  # the score is the trained model's (LoRA: adapters inside it)
-        world = World(device=torch.device("cpu"))
-        again = ft.predict(trained, tokenizer, data, ft.batch_maker(tokenizer, task, args, world.device), args,
-                           "fp32", world)
+        parallel = DataParallel(World(device=torch.device("cpu")))
+        again = ft.predict(trained, tokenizer, data, ft.batch_maker(tokenizer, task, args, parallel.device), args,
+                           "fp32", parallel)
         assert result["steps"] == 2 and result["score"] == score(task, again, [ex.y for ex in data.eval]), mode
         changed = {name for name, p, before in loaded[-1] if not torch.equal(p, before)}
         every = {name for name, _, _ in loaded[-1]}
