@@ -13,6 +13,9 @@
 Presets: ``course`` = the course's 5000 ProtoNet / 15000 MAML iterations with the course network;
 ``cpu`` = 300 / 1000 iterations, MAML with ``--conv_stride 2``.
 ``smoke`` (``--quick``) = a few iterations, to check the pipeline.
+``paper`` = another grid: Snell et al.'s ProtoNet table on Omniglot under the Vinyals protocol
+(PAPER below: 60-way training episodes, the paper's schedule and early stopping; 5- and 20-way,
+1- and 5-shot, 1000 test tasks; 3 seeds of the 1-shot model), ``protonet_paper.png``.
 Every run is ``protonet.py`` / ``maml.py`` in ``runs/hw2_protonet_maml/experiments/<preset>/<name>``
 (see common/grid.py: finished runs are reused, killed ones resumed). Writes ``results.md``,
 ``results.json``, ``protonet_composition.png``, ``accuracy_vs_k.png`` and ``val_curves.png``.
@@ -53,6 +56,13 @@ MAML_SETTINGS = {  # name -> inner-loop flags
 }
 MAML_TEST_SHOTS = (1, 2, 4, 6, 8, 10)
 MAML_QUERIES = 10
+# Snell et al. 2017 on Omniglot: 60-way training episodes with 5 queries per class, one episode per
+# step, Adam at 1e-3 halved every 2000 episodes, trained until validation stops improving (here:
+# --patience validations of --val_interval episodes each, at most "iterations"); tested on 1000 tasks.
+PAPER = {"train_way": 60, "query": 5, "lr_step": 2000, "val_interval": 500, "num_val_tasks": 100, "patience": 10,
+         "iterations": 40000, "num_test_tasks": 1000, "test_query": 15}
+PAPER_TABLE = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}  # (N, K) -> the paper's accuracy, %
+PAPER_SEEDS = {1: (0, 1, 2), 5: (0,)}  # K -> seeds: three for the 1-shot cells
 
 
 def evaluation_configs(train: Config, shots: tuple[int, ...], queries: int, iterations: int,
@@ -85,6 +95,52 @@ def configs(preset: str, protocol: str) -> list[Config]:
                         "--num_train_iterations", str(sizes["maml"])], tags=tags)
         grid += [train, *evaluation_configs(train, MAML_TEST_SHOTS, MAML_QUERIES, sizes["maml"], tags)]
     return grid
+
+
+def paper_configs() -> list[Config]:
+    """One 60-way model per K and seed (its own test: 20-way), and its 5-way ``--test``; every test on
+    the best validation's weights."""
+    grid = []
+    for shot, seeds in PAPER_SEEDS.items():
+        for seed in seeds:
+            tags = {"algorithm": "protonet", "train_shot": shot, "seed": seed}
+            train = Config(f"protonet_paper_K{shot}_s{seed}", "hw2_protonet_maml.protonet", [
+                "--protocol", "vinyals", "--train_num_way", str(PAPER["train_way"]), "--num_way", "20",
+                "--num_support", str(shot), "--num_query", str(PAPER["query"]), "--batch_size", "1",
+                "--learning_rate", "0.001", "--lr_step_size", str(PAPER["lr_step"]), "--patience",
+                str(PAPER["patience"]), "--num_train_iterations", str(PAPER["iterations"]),
+                "--val_interval", str(PAPER["val_interval"]), "--save_interval", str(PAPER["val_interval"]),
+                "--num_val_tasks", str(PAPER["num_val_tasks"]), "--num_test_tasks", str(PAPER["num_test_tasks"]),
+                "--test_num_query", str(PAPER["test_query"]), "--seed", str(seed)], tags={**tags, "test_way": 20})
+            five_way = Config(f"{train.name}_test5way", train.main,
+                              [*train.argv, "--test", "--test_num_way", "5"], tags={**tags, "test_way": 5},
+                              folder=train.name, resume=False,
+                              results=f"test_way5_shot{shot}_query{PAPER['test_query']}_best.json")
+            grid += [train, five_way]
+    return grid
+
+
+def paper_report(frame: pd.DataFrame, out: Path) -> str:
+    """The paper's table beside ours: each cell's first seed with its 95% interval over the test tasks,
+    and the mean and spread over seeds where there are several."""
+    rows = []
+    for (way, shot), paper in PAPER_TABLE.items():
+        names = [f"protonet_paper_K{shot}_s{seed}" + ("_test5way" if way == 5 else "") for seed in PAPER_SEEDS[shot]]
+        finished = [lookup(frame, name, "test_accuracy") for name in names]
+        finished = [100 * acc for acc in finished if acc is not None]
+        train = f"protonet_paper_K{shot}_s{PAPER_SEEDS[shot][0]}"
+        rows.append({"cell": f"{way}-way {shot}-shot", "paper %": paper, "ours % (seed 0, 95% interval)":
+                     accuracy(frame, names[0]),
+                     "seeds: mean ± std %": (f"{pd.Series(finished).mean():.2f} ± {pd.Series(finished).std():.2f} "
+                                             f"({len(finished)})" if len(finished) > 1 else ""),
+                     "best val step": lookup(frame, train, "best_val_step"),
+                     "stopped at": lookup(frame, train, "stopped_at_step"),
+                     "train s": lookup(frame, train, "train_seconds")})
+    table = pd.DataFrame(rows)
+    write_json(out / "results.json", {"protonet_paper": table.to_dict(orient="records")})
+    plot_curves(frame[frame["test_way"] == 20] if "test_way" in frame else frame, out / "protonet_paper.png")
+    return ("## ProtoNet, Snell et al.'s Omniglot table (Vinyals protocol; 60-way training, 1000 test tasks, "
+            "15 queries per class)\n\n" + table.to_markdown(index=False, floatfmt=".1f"))
 
 
 def accuracy(frame: pd.DataFrame, name: str) -> str:
@@ -204,11 +260,14 @@ def plot_curves(trained: pd.DataFrame, path: Path) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = grid_parser(__doc__, presets=tuple(PRESETS))
+    parser = grid_parser(__doc__, presets=(*PRESETS, "paper"))
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="cs330",
-                        help="class split passed to every run (default: cs330)")
+                        help="class split passed to every run (default: cs330; the paper preset is vinyals)")
     args = parser.parse_args(argv)
-    run_experiments(args, HOMEWORK, configs(args.preset, args.protocol), report)
+    if args.preset == "paper":
+        run_experiments(args, HOMEWORK, paper_configs(), paper_report)
+    else:
+        run_experiments(args, HOMEWORK, configs(args.preset, args.protocol), report)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import RUN_ONLY_FLAGS, add_run_args, learning_rate, positive_int
+from common.cli import RUN_ONLY_FLAGS, add_run_args, learning_rate, positive_float, positive_int
 from common.errors import CS330Error
 from common.limits import check_fits
 from common.omniglot import NUM_DRAWINGS, PROTOCOLS
@@ -80,6 +80,26 @@ def add_inner_loop_args(parser: argparse.ArgumentParser, name: str) -> argparse.
                        help="1 = the course network (full 28x28 resolution in every layer); 2 = the strided "
                             "network of the MAML paper, about 4x cheaper (default: 1)")
     return group
+
+
+def add_schedule_args(group: argparse._ArgumentGroup) -> None:
+    """The learning-rate schedule and early stopping on validation (the ProtoNet paper's training);
+    both off by default, as in the course."""
+    group.add_argument("--lr_step_size", type=positive_int, default=None,
+                       help="multiply the learning rate by --lr_gamma every this many iterations (the ProtoNet "
+                            "paper: halved every 2000 episodes) (default: constant)")
+    group.add_argument("--lr_gamma", type=positive_float, default=0.5,
+                       help="the factor of --lr_step_size (default: 0.5)")
+    group.add_argument("--patience", type=positive_int, default=None,
+                       help="early stopping: stop once validation accuracy has not improved for this many "
+                            "validations in a row (one every --val_interval), and test the weights of the best "
+                            "validation (default: off: train --num_train_iterations, test the last weights)")
+
+
+def schedule_run_params(args: argparse.Namespace) -> dict:
+    """The run-name parts of :func:`add_schedule_args` (none when both are off: default names stay)."""
+    return ({"lrstep": args.lr_step_size, "gamma": args.lr_gamma} if args.lr_step_size else {}) \
+        | ({"pat": args.patience} if args.patience else {})
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -194,6 +214,9 @@ class TrainSettings:
     data_dir: str | None
     run_dir: Path
     resume: bool
+    lr_step_size: int | None = None  # off: a constant learning rate
+    lr_gamma: float = 0.5
+    patience: int | None = None  # off: no early stopping
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device, precision: str, run_dir: Path,
@@ -205,4 +228,5 @@ class TrainSettings:
             test_num_way=args.test_num_way, test_num_support=args.test_num_support,
             test_num_query=args.test_num_query, num_test_tasks=args.num_test_tasks,
             seed=args.seed, device=device, precision=precision, data_dir=args.data_dir, run_dir=run_dir,
-            resume=args.resume)
+            resume=args.resume, **{name: getattr(args, name) for name in ("lr_step_size", "lr_gamma", "patience")
+                                   if hasattr(args, name)})  # the scripts with add_schedule_args

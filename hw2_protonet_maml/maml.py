@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from common.device import resolve_device, resolve_precision, setup_compute
+from common.device import cpu_capability, resolve_device, resolve_precision, setup_compute
 from common.errors import cli_main
 from common.omniglot import Episodes
 from common.seeding import seed_everything
@@ -199,8 +199,11 @@ class TaskVmapMAML(MAML):
 
 
 # ---------------------------------------------------------------------------- script
-# Where --precision auto means bf16 (the query pass only): measured faster only on CPUs with AMX (README).
-BF16_WHERE = ("AMX",)
+# Where --precision auto means bf16 (the query pass only): the CPU classes where bench.py measured it
+# faster, AMX and AVX512+BF16 (README, "Speed at the machine's limit"); the compiled query pass (the
+# --compile_query default) only where that measured faster still, AMX.
+BF16_WHERE = ("AMX", "BF16")
+COMPILE_WHERE = "AMX"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile_query", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the query pass (same maths; a compile of about half a minute first, "
                             "and one more per new task shape; not with --vmap_tasks) (default: on with a bf16 "
-                            "query pass on the CPU, where it was measured faster, off elsewhere)")
+                            "query pass on a CPU with AMX, where it was measured faster, off elsewhere)")
     return parser
 
 
@@ -233,13 +236,20 @@ def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
     return flags.run_folder(args, "maml", inner_loop_run_params(args, precision))
 
 
+def compiles_query(args: argparse.Namespace, device: torch.device, precision: str) -> bool:
+    """``--compile_query``, or where it is not given, whether the bf16 query pass runs on a CPU class
+    where compiling it measured faster (COMPILE_WHERE)."""
+    if args.compile_query is not None:
+        return args.compile_query
+    return (precision == "bf16" and device.type == "cpu" and not args.vmap_tasks
+            and COMPILE_WHERE in cpu_capability().split("+"))
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device, precision = setup_compute(args.device, args.precision, args.threads, bf16_where=BF16_WHERE)
-    compile_query = args.compile_query
-    if compile_query is None:
-        compile_query = precision == "bf16" and device.type == "cpu" and not args.vmap_tasks
+    compile_query = compiles_query(args, device, precision)
     settings = TrainSettings.from_args(args, device, precision, run_folder(args, precision))
     seed_everything(args.seed)
     net = ConvNet(args.num_way, args.num_filters, args.conv_stride, seed=args.seed)

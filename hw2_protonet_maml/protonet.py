@@ -27,7 +27,9 @@ from hw2_protonet_maml import flags
 from hw2_protonet_maml.flags import (
     TrainSettings,
     add_episode_args,
+    add_schedule_args,
     parse_hw2_args,
+    schedule_run_params,
 )
 from hw2_protonet_maml.training import MetaTrainer, accuracy
 
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch-norm statistics at evaluation: 'batch' = statistics of each test task's "
                             "images (transductive, as the course code), 'running' = training running averages "
                             "(default: batch)")
+    add_schedule_args(model)
     return parser
 
 
@@ -143,7 +146,7 @@ def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:
     return flags.run_folder(args, "protonet", {
         "proto": args.protocol, "way": args.train_num_way or args.num_way, "shot": args.num_support,
         "query": args.num_query, "batch": args.batch_size, "lr": args.learning_rate, "bn": args.eval_bn,
-        "prec": precision, "seed": args.seed})
+        **schedule_run_params(args), "prec": precision, "seed": args.seed})
 
 
 @cli_main

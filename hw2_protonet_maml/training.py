@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +34,17 @@ from hw2_protonet_maml.flags import RESUMABLE_FLAGS, TrainSettings
 LOG_INTERVAL = 10
 VAL_TARGET = 0.98  # the wall time to first reach this validation accuracy is reported
 EVAL_SEED = 12345  # validation and test tasks are the same for every run and every model
+
+
+@dataclass
+class BestValidation:
+    """Early stopping's record (``--patience``): the best validation so far, the weights that made it,
+    and how many validations since have not improved on it."""
+
+    step: int = 0
+    query_acc: float = -1.0
+    model: dict[str, torch.Tensor] | None = None
+    stale: int = 0
 
 
 class MetaLearner(Protocol):
@@ -87,6 +98,9 @@ class MetaTrainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.parallel.track_batch_norm(self.model)  # ProtoNet's running statistics
         self.optimizer = optimizer
+        self.scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, s.lr_step_size, s.lr_gamma)
+                          if s.lr_step_size else None)
+        self.best = BestValidation() if s.patience else None
         self.hparams = hparams
         self.store = self.parallel.main_first(lambda: OmniglotStore.load(s.data_dir))
         self._splits: dict[str, torch.Tensor] = {}
@@ -131,6 +145,8 @@ class MetaTrainer:
         loss.backward()
         self.parallel.sync(self.model)  # the whole meta-batch's gradient
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         return means
 
     # ------------------------------------------------------------ evaluation
@@ -214,7 +230,11 @@ class MetaTrainer:
         logger.write(f"run folder: {s.run_dir}" + (f" (resuming at step {start_step})" if start_step else "")
                      + self.parallel.processes_note)
         tic = time.perf_counter() - elapsed
+        last_step = start_step
         for step in range(start_step + 1, s.num_train_iterations + 1):
+            if self.stopped_early:
+                break
+            last_step = step
             # Every rank draws the whole meta-batch (cheap), so the sampler state is the same everywhere.
             means = self.train_step(run, train_sampler.sample(s.batch_size), step)
             if step % LOG_INTERVAL == 0:
@@ -222,17 +242,38 @@ class MetaTrainer:
                 logger.advance(step, loss=means["loss"], acc=means["query_acc"])
             if step % s.val_interval == 0 or step == s.num_train_iterations:
                 reached_target = self._validate(logger, step, tic, reached_target)
-            if step % s.save_interval == 0 or step == s.num_train_iterations:
-                run.save(step, {
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "sampler": train_sampler.state_dict(), "rng": capture_rng_state(),
-                    "elapsed": time.perf_counter() - tic, "time_to_val_target": reached_target,
-                })
-        logger.advance(s.num_train_iterations)
+            if step % s.save_interval == 0 or step == s.num_train_iterations or self.stopped_early:
+                run.save(step, self._checkpoint(train_sampler, time.perf_counter() - tic, reached_target))
+        logger.advance(last_step)
+        early_stopping = self._use_best_weights(last_step)
         results = self.test(logger)
-        logger.finish({**results, "train_seconds": time.perf_counter() - tic,
+        logger.finish({**results, **early_stopping, "train_seconds": time.perf_counter() - tic,
                        f"seconds_to_val_acc_{VAL_TARGET}": reached_target})
         logger.close()
+
+    def _checkpoint(self, train_sampler: EpisodeSampler, elapsed: float, reached_target: float | None) -> dict:
+        """Everything :meth:`_resume` needs to continue the run exactly."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "sampler": train_sampler.state_dict(), "rng": capture_rng_state(),
+                 "elapsed": elapsed, "time_to_val_target": reached_target}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        if self.best is not None:
+            state["early_stopping"] = asdict(self.best)
+        return state
+
+    @property
+    def stopped_early(self) -> bool:
+        """``--patience`` validations in a row without a new best: the run stops."""
+        return self.best is not None and self.best.stale >= self.settings.patience
+
+    def _use_best_weights(self, last_step: int) -> dict:
+        """With early stopping, load the best validation's weights (the ones tested) and say which."""
+        if self.best is None or self.best.model is None:
+            return {}
+        self.model.load_state_dict(self.best.model)
+        return {"best_val_step": self.best.step, "best_val_acc": self.best.query_acc,
+                "stopped_at_step": last_step if self.stopped_early else None}
 
     def _resume(self, run: RunFolder | FollowerRun, train_sampler: EpisodeSampler) -> tuple[int, float, float | None]:
         """Continue from rank 0's checkpoint, on every rank: (its step, its training seconds, its seconds
@@ -244,6 +285,10 @@ class MetaTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         train_sampler.load_state_dict(state["sampler"])
         restore_rng_state(state["rng"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.best is not None:
+            self.best = BestValidation(**state["early_stopping"])
         return state["step"], state["elapsed"], state.get("time_to_val_target")
 
     def _validate(self, logger: RunLogger | QuietLogger, step: int, tic: float, reached_target: float | None,
@@ -254,18 +299,31 @@ class MetaTrainer:
         val_means = {k: mean_ci95(v)[0] for k, v in val.items()}
         logger.log({f"val/{k}": v for k, v in val_means.items()}, step)
         logger.log({"time/wall_seconds": time.perf_counter() - tic}, step)
+        if self.best is not None:  # early stopping: keep the best validation's weights
+            if val_means["query_acc"] > self.best.query_acc:
+                weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self.best = BestValidation(step, val_means["query_acc"], weights)
+            else:
+                self.best.stale += 1
         if reached_target is None and val_means["query_acc"] >= VAL_TARGET:
             return time.perf_counter() - tic
         return reached_target
 
     def _test_checkpoint(self, state: dict) -> None:
+        """``--test``: the checkpoint's weights, or with early stopping the best validation's weights
+        it holds (written as ``..._best.json``)."""
         s = self.settings
-        self.model.load_state_dict(state["model"])
+        best = state.get("early_stopping") or {}
+        if best.get("model") is not None:
+            self.model.load_state_dict(best["model"])
+            step, which = best["step"], "best"
+        else:
+            self.model.load_state_dict(state["model"])
+            step, which = state["step"], f"step{state['step']}"
         results = self.test()
         if self.parallel.is_main:
-            name = (f"test_way{s.test_num_way}_shot{s.test_num_support}"
-                    f"_query{s.test_num_query}_step{state['step']}.json")
-            write_json(s.run_dir / name, {"checkpoint_step": state["step"], **results})
+            name = f"test_way{s.test_num_way}_shot{s.test_num_support}_query{s.test_num_query}_{which}.json"
+            write_json(s.run_dir / name, {"checkpoint_step": step, **results})
             print(f"wrote {s.run_dir / name}")
 
 def split_tasks(episodes: Episodes) -> Iterator[Episodes]:

@@ -124,12 +124,24 @@ def test_maml_auto_precision_is_bf16_only_where_it_was_measured_faster(monkeypat
     from common import device as device_mod
 
     cpu = torch.device("cpu")
-    for capability, want in (("AVX2", "fp32"), ("AVX512", "fp32"), ("AVX512+BF16", "fp32"),
+    for capability, want in (("AVX2", "fp32"), ("AVX512", "fp32"), ("AVX512+BF16", "bf16"),
                              ("AVX512+BF16+AMX", "bf16")):
         monkeypatch.setattr(device_mod, "cpu_capability", lambda capability=capability: capability)
-        assert device_mod.resolve_precision("auto", cpu, bf16_where=("AMX",))[0] == want, capability
+        assert device_mod.resolve_precision("auto", cpu, bf16_where=maml_script.BF16_WHERE)[0] == want, capability
     monkeypatch.setattr(device_mod, "cpu_capability", lambda: "AVX512+BF16")
+    assert device_mod.resolve_precision("auto", cpu, bf16_where=("AMX",))[0] == "fp32"  # AVX512+BF16 is not AMX
     assert device_mod.resolve_precision("auto", cpu)[0] == "bf16"  # the default: wherever bf16 is native
+
+
+def test_maml_compiles_the_bf16_query_pass_by_default_only_with_amx(monkeypatch):
+    cpu = torch.device("cpu")
+    args = maml_script.parse_args([])
+    for capability, want in (("AVX512+BF16+AMX", True), ("AVX512+BF16", False), ("AVX2", False)):
+        monkeypatch.setattr(maml_script, "cpu_capability", lambda capability=capability: capability)
+        assert maml_script.compiles_query(args, cpu, "bf16") == want, capability
+        assert not maml_script.compiles_query(args, cpu, "fp32")
+    assert maml_script.compiles_query(maml_script.parse_args(["--compile_query"]), cpu, "fp32")
+    assert not maml_script.compiles_query(maml_script.parse_args(["--no-compile_query"]), cpu, "bf16")
 
 
 def test_first_order_differs_from_second_order_where_it_should():
@@ -256,6 +268,61 @@ def test_resume_after_sigkill_matches_uninterrupted_run(omniglot_data_dir, tmp_p
     for run, log in ((uninterrupted, "straight.log"), (resumed, "resumed.log")):
         assert run.wait() == 0, (tmp_path / log).read_text()[-2000:]
     assert results(killed)["test_accuracy"] == results(straight)["test_accuracy"]
+
+
+def parameters_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained parameters in a checkpoint (batch-norm running statistics left out: validation with
+    per-task statistics updates them, and they never reach a prediction with --eval_bn batch)."""
+    model = torch.load(checkpoint, weights_only=True)["model"]
+    return {k: v for k, v in model.items() if "running_" not in k and "num_batches" not in k}
+
+
+def test_protonet_lr_schedule_steps_and_resumes_exactly(omniglot_data_dir, tmp_path):
+    """--lr_step_size 2: the rate halves every 2 iterations, and the schedule is checkpointed, so a run
+    resumed at step 4 ends with the weights of a straight one."""
+    flags = ["--save_interval", "2", "--val_interval", "6", "--lr_step_size", "2", "--seed", "3",
+             "--num_test_tasks", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    protonet_script.main(run_flags(omniglot_data_dir, straight, *flags, "--num_train_iterations", "6"))
+    state = torch.load(straight / "checkpoints" / "step0000006.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5 ** 3)
+    assert state["scheduler"]["last_epoch"] == 6
+    protonet_script.main(run_flags(omniglot_data_dir, resumed, *flags, "--num_train_iterations", "4"))
+    protonet_script.main(run_flags(omniglot_data_dir, resumed, *flags, "--num_train_iterations", "6", "--resume"))
+    want, got = (parameters_of(run / "checkpoints" / "step0000006.pt") for run in (straight, resumed))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert "_lrstep2_gamma0.5_" in protonet_script.run_folder(protonet_script.parse_args(flags)).name
+
+
+def test_protonet_early_stopping_tests_the_best_validated_weights(omniglot_data_dir, tmp_path, monkeypatch):
+    """--patience 2 with scripted validation accuracies: best at step 2, no better at 3 and 4, so the
+    run stops at 4 and tests step 2's weights (and --test tests them again)."""
+    from hw2_protonet_maml import training
+
+    scripted = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])
+    real_evaluate = training.MetaTrainer.evaluate
+
+    def evaluate(self, split, num_tasks, *sizes):
+        per_task = real_evaluate(self, split, num_tasks, *sizes)
+        if split == "val":
+            per_task["query_acc"] = [next(scripted)] * num_tasks
+        return per_task
+
+    monkeypatch.setattr(training.MetaTrainer, "evaluate", evaluate)
+    run = tmp_path / "pn"
+    protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "20", "--val_interval", "1",
+                                   "--save_interval", "1", "--patience", "2", "--num_test_tasks", "8"))
+    metrics = results(run)
+    assert (metrics["best_val_step"], metrics["stopped_at_step"]) == (2, 4)
+    assert metrics["best_val_acc"] == pytest.approx(0.7)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step0000004.pt"
+    latest = torch.load(run / "checkpoints" / "step0000004.pt", weights_only=True)["early_stopping"]
+    step2 = parameters_of(run / "checkpoints" / "step0000002.pt")
+    assert latest["step"] == 2 and all(torch.equal(latest["model"][k], v) for k, v in step2.items())
+    protonet_script.main(run_flags(omniglot_data_dir, run, "--num_train_iterations", "20", "--val_interval", "1",
+                                   "--save_interval", "1", "--patience", "2", "--num_test_tasks", "8", "--test"))
+    tested = json.loads((run / "test_way5_shot1_query5_best.json").read_text())
+    assert tested["checkpoint_step"] == 2 and tested["test_accuracy"] == metrics["test_accuracy"]
 
 
 def test_existing_run_without_resume_is_refused(omniglot_data_dir, tmp_path, capsys):

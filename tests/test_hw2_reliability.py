@@ -77,6 +77,32 @@ def test_report_sentence_is_in_the_written_results(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["protonet"]
 
 
+def test_paper_preset_runs_the_papers_training_and_tables_its_cells(tmp_path, monkeypatch):
+    """--preset paper: 60-way 5-query training episodes one at a time, the paper's schedule, early
+    stopping, 1000 test tasks at 20-way (the run's own test) and 5-way (--test on the best weights)."""
+    from hw2_protonet_maml import protonet
+
+    configs = {config.name: config for config in experiments.paper_configs()}
+    assert len(configs) == 8  # 3 seeds of the 1-shot model, 1 of the 5-shot, each tested at 20 and 5 ways
+    args = protonet.parse_args(list(configs["protonet_paper_K1_s2"].argv))
+    assert (args.protocol, args.train_num_way, args.num_query, args.batch_size) == ("vinyals", 60, 5, 1)
+    assert (args.lr_step_size, args.lr_gamma, args.patience, args.seed) == (2000, 0.5, 10, 2)
+    assert (args.test_num_way, args.test_num_support, args.num_test_tasks) == (20, 1, 1000)
+    five_way = configs["protonet_paper_K5_s0_test5way"]
+    tested = protonet.parse_args(list(five_way.argv))
+    assert tested.test and (tested.test_num_way, tested.test_num_support, tested.test_num_query) == (5, 5, 15)
+    assert five_way.results == "test_way5_shot5_query15_best.json" and five_way.run_folder == "protonet_paper_K5_s0"
+    monkeypatch.setattr(experiments, "plot_curves", lambda *args: None)
+    frame = pd.DataFrame([
+        {"name": "protonet_paper_K1_s0", "test_accuracy": 0.97, "test_ci95": 0.004, "best_val_step": 9000,
+         "stopped_at_step": 14000, "train_seconds": 5000.0, "test_way": 20},
+        {"name": "protonet_paper_K1_s1", "test_accuracy": 0.96, "test_ci95": 0.004, "test_way": 20}])
+    text = experiments.paper_report(frame, tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| 20-way 1-shot"))
+    assert "96.0" in row and "97.00 ± 0.40" in row and "96.50 ± 0.71 (2)" in row and "9000" in row
+    assert json.loads((tmp_path / "results.json").read_text())["protonet_paper"][0]["paper %"] == 98.8
+
+
 @pytest.mark.parametrize("flags", [["--batch_size", "100000000"], ["--batch_size", "100000", "--test_num_query", "15",
                                                                    "--num_way", "100"]])
 def test_a_meta_batch_no_memory_can_hold_is_refused_at_parse_time(capsys, flags):

@@ -41,10 +41,13 @@ CHANGES: dict[str, Callable[[argparse.Namespace], list[str]]] = {
     "precision": lambda base: ["--precision", "bf16" if base.precision != "bf16" else "fp32"],
     "eval_num_inner_steps": lambda base: ["--eval_num_inner_steps", str(base.num_inner_steps + 4)],
     "train_num_way": lambda base: ["--train_num_way", "20"],
+    "lr_step_size": lambda base: ["--lr_step_size", "2000"],
+    "patience": lambda base: ["--patience", "10"],
 }
 # Where a flag applies: the base command line it is changed on (ProtoNet's default K + Q already fills
 # the 20 drawings of a character).
-CONTEXT = {"num_support": ["--num_query", "10"], "num_query": ["--num_query", "10"]}
+CONTEXT = {"num_support": ["--num_query", "10"], "num_query": ["--num_query", "10"],
+           "lr_gamma": ["--lr_step_size", "2000"]}  # the factor applies only with a schedule
 SCRIPTS = {"protonet": (protonet, RUN_ONLY), "maml": (maml, MAML_RUN_ONLY), "anil": (anil, RUN_ONLY)}
 CASES = [(name, dest, base) for name, (script, run_only) in SCRIPTS.items()
          for dest, base, _ in flag_cases(script.build_parser(), run_only, CONTEXT)]
