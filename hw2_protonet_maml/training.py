@@ -1,14 +1,16 @@
 """The meta-training loop shared by ``protonet.py``, ``maml.py`` and ``anil.py``.
 
 A meta-learner is any ``nn.Module`` that follows :class:`MetaLearner`; :class:`MetaTrainer` samples
-meta-batches, steps the optimizer, logs, validates, checkpoints (through ``common.run``), then tests
-on ``num_test_tasks`` tasks from the test characters with a 95% interval.
+meta-batches, steps the optimizer (``train_step``; optionally on a step schedule), logs, validates
+(optionally stopping early and keeping the best validation's weights), checkpoints (through
+``common.run``), then tests on ``num_test_tasks`` tasks from the test characters with a 95%
+interval. Its settings come from the flags in ``flags.py``.
 
-Under ``torchrun --nproc_per_node=N`` the same loop runs data-parallel (``common.distributed``):
-every rank draws the full meta-batch from the same seeded sampler and trains on its equal share of
-the tasks, gradients are averaged, and evaluation tasks are split by batch. Rank 0 alone owns the
-run folder (lock, logs, checkpoints, results). In fp32 the result equals the single-process run up
-to floating-point rounding (tests/test_distributed.py measures it).
+Under ``torchrun --nproc_per_node=N`` the same loop runs data-parallel (``self.parallel``, a
+``common.distributed.DataParallel``): every rank draws the full meta-batch from the same seeded
+sampler and trains on its equal share of the tasks, gradients are averaged, and evaluation tasks
+are split by batch. Rank 0 alone owns the run folder (lock, logs, checkpoints, results). In fp32 the
+result equals the single-process run up to floating-point rounding (tests/test_distributed.py).
 """
 
 from __future__ import annotations
