@@ -132,8 +132,8 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> s
 def with_run_settings(args: argparse.Namespace, given: set[str], hparams_path: Path) -> argparse.Namespace:
     """``args`` with every flag the command line left out taken from the run's ``hparams.json``, and
     task sizes given with other values than the run's moved to their ``test_`` twins."""
-    saved = read_json(hparams_path, "it is the run's flags; run --test without --log_dir's course reading "
-                                    "by passing every training flag, or retrain")
+    saved = read_json(hparams_path, "it holds the flags the run trained with, which --test reads; restore it "
+                                    "from a copy of the run, or retrain")
     per_invocation = RUN_ONLY_FLAGS | {"checkpoint_step"}  # what a --test line sets for itself
     values = vars(args) | {name: value for name, value in saved.items()
                            if name in vars(args) and name not in given and name not in per_invocation}
