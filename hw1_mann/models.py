@@ -132,10 +132,14 @@ class MemoryMANN(nn.Module):
     ``w^lu`` is one-hot on the j-th least-used slot). Reading: ``w^r_t = softmax(cosine(k_t, M_t))``,
     ``r_t = w^r_t M_t``. Usage decays: ``w^u_t = gamma * w^u_{t-1} + w^r_t + w^w_t``. The logits
     come from ``[h_t, r_t]``. Memory is reset for every task.
+
+    ``key_strength=True`` (not in the paper; the NTM's key strength): each head also emits
+    ``beta_t = softplus(linear(h_t))`` and reads with ``softmax(beta_t * cosine)`` (see
+    :func:`content_weights`), so that a read can focus on one slot.
     """
 
     def __init__(self, num_classes: int, hidden_dim: int = 128, memory_slots: int = 128,
-                 memory_dim: int = 40, num_reads: int = 4, gamma: float = 0.95) -> None:
+                 memory_dim: int = 40, num_reads: int = 4, gamma: float = 0.95, key_strength: bool = False) -> None:
         super().__init__()
         if num_reads > memory_slots:
             raise CS330Error(f"num_reads ({num_reads}) cannot exceed memory_slots ({memory_slots})")
@@ -148,6 +152,10 @@ class MemoryMANN(nn.Module):
         _init_lstm(self.controller)
         for layer in (self.key, self.write_gate, self.output):
             _init_linear(layer)
+        # Built after the other layers' draws: with or without it, they start from the same weights.
+        self.key_strength = nn.Linear(hidden_dim, num_reads) if key_strength else None
+        if self.key_strength is not None:
+            _init_linear(self.key_strength)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """images ``[B, K+1, N, 784]``, labels ``[B, K+1, N, N]`` -> logits ``[B, K+1, N, N]``
@@ -173,9 +181,8 @@ class MemoryMANN(nn.Module):
             # Zero the least-used slot, then add every head's key where it writes.
             keep = (slot_ids != usage.argmin(dim=1, keepdim=True)).to(memory.dtype)  # [B, slots]
             memory = memory * keep[..., None] + write_weights.transpose(1, 2) @ keys  # [B, slots, dim]
-            # Cosine similarity of every key with every slot as one batched matmul.
-            similarity = F.normalize(keys, dim=-1) @ F.normalize(memory, dim=-1).transpose(1, 2)  # [B, H, slots]
-            read_weights = similarity.softmax(dim=-1)
+            strength = None if self.key_strength is None else F.softplus(self.key_strength(h))[..., None]  # [B, H, 1]
+            read_weights = content_weights(keys, memory, strength)  # [B, H, slots]
             reads = (read_weights @ memory).reshape(batch, heads * dim)
             usage = self.gamma * usage + read_weights.sum(1) + write_weights.sum(1)  # [B, slots]
             # Head j writes next to the j-th least-used slot (no gradient through the ranking).
@@ -185,13 +192,27 @@ class MemoryMANN(nn.Module):
         return _as_labels(torch.stack(outputs, dim=1), labels)  # stacked: [B, T, N]
 
 
+def content_weights(keys: torch.Tensor, memory: torch.Tensor, strength: torch.Tensor | None = None) -> torch.Tensor:
+    """Read weights over the slots, ``softmax(strength * cosine(key, slot))``: keys ``[B, H, dim]``,
+    memory ``[B, slots, dim]`` -> ``[B, H, slots]`` (the cosines as one batched matmul).
+
+    Without ``strength`` (Santoro et al.) cosines lie in [-1, 1], so of 128 slots none can get more
+    than e^2 / (e^2 + 127) = 5.5% of a read: reads are near-averages. A strength ``[B, H, 1]``
+    sharpens them (the test: a matching key with strength 50 puts over 90% on its slot).
+    """
+    similarity = F.normalize(keys, dim=-1) @ F.normalize(memory, dim=-1).transpose(1, 2)  # [B, H, slots]
+    if strength is not None:
+        similarity = strength * similarity
+    return similarity.softmax(dim=-1)
+
+
 def build_model(name: str, num_classes: int, hidden_dim: int, memory_slots: int = 128, memory_dim: int = 40,
-                num_reads: int = 4) -> nn.Module:
+                num_reads: int = 4, key_strength: bool = False) -> nn.Module:
     """``lstm`` or ``memory``; the memory sizes only matter for ``memory`` (defaults from Santoro et al.)."""
     if name == "lstm":
         return LSTMMANN(num_classes, hidden_dim)
     if name == "memory":
-        return MemoryMANN(num_classes, hidden_dim, memory_slots, memory_dim, num_reads)
+        return MemoryMANN(num_classes, hidden_dim, memory_slots, memory_dim, num_reads, key_strength=key_strength)
     raise CS330Error(f"unknown model {name!r}; choose lstm or memory")
 
 

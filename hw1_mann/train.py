@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory_slots", type=positive_int, default=128, help="memory model: slots (default: 128)")
     parser.add_argument("--memory_dim", type=positive_int, default=40, help="memory model: slot size (default: 40)")
     parser.add_argument("--num_reads", type=positive_int, default=4, help="memory model: read heads (default: 4)")
+    parser.add_argument("--key_strength", choices=("none", "learned"), default="none",
+                        help="memory model: read with softmax(cosine) as Santoro et al. (none), or with a learned "
+                             "per-head strength softmax(beta * cosine), beta = softplus(linear(h)), as the NTM "
+                             "(learned) (default: none)")
     parser.add_argument("--protocol", choices=("course", "santoro"), default="course",
                         help="course: K support rows then a query row, loss on the query; santoro: Santoro et al. "
                              "2016's episodes, labels shown one step late, loss on every step (default: course)")
@@ -148,7 +152,8 @@ def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
              "B": args.meta_batch_size, "H": args.hidden_dim, "lr": args.learning_rate, "steps": args.train_steps,
              "prec": precision, "seed": args.random_seed}
     if args.model == "memory":
-        parts.update(slots=args.memory_slots, mdim=args.memory_dim, reads=args.num_reads)
+        parts.update(slots=args.memory_slots, mdim=args.memory_dim, reads=args.num_reads,
+                     **({"ks": args.key_strength} if args.key_strength != "none" else {}))
     return build_run_name(f"{args.model}_santoro" if santoro else args.model, parts)
 
 
@@ -188,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits = parallel.main_first(load_splits)
     seed_everything(args.random_seed)  # before the model is built: its initial weights depend on the seed
     model = build_model(args.model, args.num_classes, args.hidden_dim, memory_slots=args.memory_slots,
-                        memory_dim=args.memory_dim, num_reads=args.num_reads).to(device)
+                        memory_dim=args.memory_dim, num_reads=args.num_reads,
+                        key_strength=args.key_strength == "learned").to(device)
     if precision == "bf16":
         check_bf16_runs(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)

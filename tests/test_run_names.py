@@ -41,6 +41,7 @@ HW0_CONTEXT = {
 }
 HW1_CONTEXT = {
     "memory_slots": ["--model", "memory"], "memory_dim": ["--model", "memory"], "num_reads": ["--model", "memory"],
+    "key_strength": ["--model", "memory"],
     "presentations": ["--protocol", "santoro"],
 }
 
