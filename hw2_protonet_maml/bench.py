@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.device import DEVICE_CHOICES, autocast, configure_threads, cpu_capability, resolve_device
 from common.omniglot import EpisodeSampler, OmniglotStore
 from common.timing import timed
-from hw2_protonet_maml.maml import MAML, TaskVmapMAML, reference_maml_loss
+from hw2_protonet_maml.maml import MAML, TaskVmapMAML
 from hw2_protonet_maml.networks import ConvNet
 from hw2_protonet_maml.protonet import ProtoNet
 
@@ -38,10 +38,6 @@ def meta_gradient(maml: MAML, loss_fn: Callable[[], torch.Tensor]) -> torch.Tens
     maml.zero_grad(set_to_none=True)
     loss_fn().backward()
     return torch.cat([p.grad.flatten() for p in maml.meta_params().values()])
-
-
-def reference_loss(maml: MAML, episodes) -> torch.Tensor:
-    return reference_maml_loss(maml.net, maml.meta_params(), episodes, maml.inner_lr_dict(), maml.num_inner_steps)
 
 
 def counted_flops(fn: Callable[[], object]) -> int:
@@ -83,7 +79,7 @@ def maml_variants(args, device, episodes) -> tuple[MAML, dict[str, tuple[str, Ca
 
     before, fp32_compiled = build(), build(compile_query=True)
     variants = {
-        "reference loop (autograd.grad)": ("fp32", lambda: reference_loss(before, episodes)),
+        "reference loop (autograd.grad)": ("fp32", lambda: before.reference_loss(episodes)),
         "before: fp32, task loop": ("fp32", lambda: before(episodes)[0]),
         "fp32, compiled query": ("fp32", lambda: fp32_compiled(episodes)[0]),
     }
@@ -131,7 +127,7 @@ def conditioning(args, device, sampler) -> None:
 
     def exact(model: MAML, episodes) -> torch.Tensor:
         episodes = type(episodes)(*(t.double() if t.is_floating_point() else t for t in episodes))
-        return meta_gradient(model, lambda: reference_loss(model, episodes))
+        return meta_gradient(model, lambda: model.reference_loss(episodes))
 
     model = MAML(ConvNet(args.num_way, args.channels, args.conv_stride), num_inner_steps=args.inner_steps,
                  inner_lr=args.inner_lr).to(device).double()

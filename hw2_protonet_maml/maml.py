@@ -123,6 +123,13 @@ class MAML(nn.Module):
     def inner_lr_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.param_names, self.inner_lrs))
 
+    def reference_loss(self, episodes: Episodes, num_inner_steps: int | None = None) -> torch.Tensor:
+        """:func:`reference_maml_loss` with this module's network, rates and settings: what
+        ``forward``'s loss must equal (the tests and bench.py compare the two)."""
+        steps = self.num_inner_steps if num_inner_steps is None else num_inner_steps
+        return reference_maml_loss(self.net, self.meta_params(), episodes, self.inner_lr_dict(), steps,
+                                   self.first_order)
+
     def plain_query_logits(self, params: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """The network's logits with ``params``, its convolutions in the query pass's precision."""
         if self.query_dtype is not None:

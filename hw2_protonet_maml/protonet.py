@@ -134,9 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parse_hw2_args(parser, argv)
-    return args
+    return parse_hw2_args(build_parser(), argv)
 
 
 def run_folder(args: argparse.Namespace, precision: str | None = None) -> Path:

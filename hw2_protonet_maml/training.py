@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from common.checkpoint import capture_rng_state, check_model, restore_rng_state
+from common.device import autocast
 from common.distributed import DataParallel, FollowerRun, QuietLogger
 from common.errors import CS330Error
 from common.omniglot import Episodes, EpisodeSampler, OmniglotStore
@@ -128,17 +129,13 @@ class MetaTrainer:
     def sampler(self, split: str, num_way: int, num_support: int, num_query: int, seed: int) -> EpisodeSampler:
         return EpisodeSampler(self.split(split), num_way, num_support, num_query, self.settings.device, seed)
 
-    def autocast(self) -> torch.autocast:
-        """bf16 autocast for ``--precision bf16`` (ProtoNet's; MAML and ANIL set their own precision)."""
-        return torch.autocast(self.settings.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16")
-
     # ------------------------------------------------------------ one training step
     def train_step(self, run: RunFolder | FollowerRun, episodes: Episodes, step: int) -> dict[str, float]:
         """One meta-batch (all of it: this rank trains on its share): the meta-loss, the whole meta-batch's
         gradient, one update. Returns the loss (and every LOG_INTERVAL steps every metric) as means
         over all the tasks, the same on every rank."""
         episodes = self.parallel.my_share(episodes)  # [B/N, ...] under torchrun, else all of it
-        with self.autocast():
+        with autocast(self.settings.device, self.settings.precision):  # ProtoNet's bf16; MAML sets its own
             loss, metrics = self.model(episodes)
         logged = metrics if step % LOG_INTERVAL == 0 else {"loss": metrics["loss"]}
         means = self.parallel.mean({k: v.mean() for k, v in logged.items()})
@@ -175,7 +172,7 @@ class MetaTrainer:
         one task per forward, so the statistics (and its predictions) are never mixed across tasks."""
         per_task: dict[str, list[float]] = {}
         for chunk in split_tasks(episodes) if self.model.per_task_eval else [episodes]:
-            with self.autocast():
+            with autocast(self.settings.device, self.settings.precision):
                 _, metrics = self.model(chunk)
             metrics.pop("loss")
             for key, value in metrics.items():

@@ -18,7 +18,7 @@ from hw2_protonet_maml import anil as anil_script
 from hw2_protonet_maml import maml as maml_script
 from hw2_protonet_maml import protonet as protonet_script
 from hw2_protonet_maml.anil import ANIL, reference_anil_loss
-from hw2_protonet_maml.maml import MAML, TaskVmapMAML, reference_maml_loss
+from hw2_protonet_maml.maml import MAML, TaskVmapMAML
 from hw2_protonet_maml.networks import ConvNet
 from hw2_protonet_maml.protonet import proto_logits
 
@@ -36,13 +36,6 @@ def tiny_episodes(batch=3, way=3, shot=2, query=2, size=8, seed=0) -> Episodes:
     )
 
 
-def reference_loss(model: MAML, episodes: Episodes, num_inner_steps: int | None = None) -> torch.Tensor:
-    """The plain loop's meta-loss for ``model``'s network, rates and settings."""
-    steps = model.num_inner_steps if num_inner_steps is None else num_inner_steps
-    return reference_maml_loss(model.net, model.meta_params(), episodes, model.inner_lr_dict(), steps,
-                               model.first_order)
-
-
 def meta_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in named])
@@ -57,7 +50,7 @@ def test_maml_meta_gradient_matches_per_task_loop(steps, learn_lrs, vmap_tasks):
                                                    inner_lr=0.1, learn_inner_lrs=learn_lrs).double()
     episodes = tiny_episodes()
     fast = meta_grads(model, model(episodes)[0])
-    slow = meta_grads(model, reference_loss(model, episodes))
+    slow = meta_grads(model, model.reference_loss(episodes))
     assert fast.keys() == slow.keys()
     assert any(k.startswith("inner_lrs") for k in fast) == learn_lrs
     for key in fast:
@@ -69,7 +62,7 @@ def test_maml_compiled_query_pass_gives_the_same_meta_gradient():
                  compile_query=True).double()
     episodes = tiny_episodes()
     fast = meta_grads(model, model(episodes)[0])
-    slow = meta_grads(model, reference_loss(model, episodes))
+    slow = meta_grads(model, model.reference_loss(episodes))
     for key in fast:
         torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)
 
@@ -152,7 +145,7 @@ def test_first_order_differs_from_second_order_where_it_should():
         grads[first_order] = meta_grads(model, model(episodes)[0])
         # First order in both implementations agrees too.
         conv0, conv1 = "net.body.0.conv.weight", "net.body.1.conv.weight"
-        torch.testing.assert_close(grads[first_order][conv0], meta_grads(model, reference_loss(model, episodes))[conv0])
+        torch.testing.assert_close(grads[first_order][conv0], meta_grads(model, model.reference_loss(episodes))[conv0])
     assert (grads[True][conv1] - grads[False][conv1]).abs().max() > 1e-6
     # With zero inner steps there is nothing to differentiate through: the two coincide.
     m2 = MAML(ConvNet(3, hidden_channels=4), inner_lr=0.1, first_order=False).double()
