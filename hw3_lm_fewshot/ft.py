@@ -138,12 +138,12 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], classifier: boo
 
 
 def check_finite_loss(value: float, step: int, k: int, mode: str, seed: int, lr: float,
-                      parallel: DataParallel | None = None) -> None:
+                      parallel: DataParallel) -> None:
     """Stop the run at the first NaN/inf loss. hw3 keeps no checkpoints, so unlike
     :func:`common.checkpoint.ensure_finite` the message offers no ``--resume``. Every rank sees the
     same (averaged) loss; rank 0 prints the error and the others leave quietly after it."""
     if not math.isfinite(value):
-        if parallel is not None and not parallel.is_main:
+        if not parallel.is_main:
             leave_after_main(2)
         raise CS330Error(f"the training loss became {value} at step {step} (k={k}, mode {mode}, seed {seed}); "
                          f"the run stopped and nothing was saved. Lower --lr (it was {lr:g}) or check the data, "
