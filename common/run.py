@@ -51,9 +51,13 @@ RESUME_KEYS = ("optimizer", "rng")  # what every script's checkpoint holds besid
 PROBE_BYTES = 2**16  # written and synced at the start: a full disk is found before any work
 
 
-def changed_flags(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str]) -> list[str]:
-    """``--flag old -> new`` for every flag (outside ``allowed``) whose value differs."""
+def changed_flags(saved: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str],
+                  legacy: Mapping[str, Any] | None = None) -> list[str]:
+    """``--flag old -> new`` for every flag (outside ``allowed``) whose value differs. ``legacy``: the
+    value a flag newer than a stored run had before it existed (what that run trained with), used where
+    ``saved`` lacks the flag, so that adding a flag does not lock every earlier run out of --resume/--test."""
     allowed = set(allowed)
+    saved = {**(legacy or {}), **saved}
     current = jsonable(dict(current))
     keys = sorted((set(saved) | set(current)) - allowed)
     return [f"--{key} {saved.get(key)} -> {current.get(key)}" for key in keys if saved.get(key) != current.get(key)]
@@ -63,21 +67,24 @@ class RunFolder:
     """A locked run folder: resume rules, checkpoints and the NaN guard. Use :meth:`open`."""
 
     def __init__(self, path: Path, hparams: Mapping[str, Any], resume: bool, resumable: Iterable[str],
-                 length_flag: str | None = None) -> None:
+                 length_flag: str | None = None, legacy: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.hparams = dict(hparams)
         self.resume = resume
         self.allowed = RUN_ONLY_FLAGS | set(resumable)
         self.length_flag = length_flag
+        self.legacy = dict(legacy or {})
         self._lock_fd: int | None = None
         self._created: Path | None = None  # the topmost folder this run created, removed if the start fails
 
     @classmethod
     def open(cls, path: str | os.PathLike, hparams: Mapping[str, Any], resume: bool = False,
-             resumable: Iterable[str] = (), test_hint: str = "", length_flag: str | None = None) -> RunFolder:
+             resumable: Iterable[str] = (), test_hint: str = "", length_flag: str | None = None,
+             legacy: Mapping[str, Any] | None = None) -> RunFolder:
         """Create (if needed) and lock ``path``, clean up after a killed write, apply the resume rules.
-        ``length_flag``: the flag holding the run length, which a resumed checkpoint must not exceed."""
-        run = cls(Path(path), hparams, resume, resumable, length_flag)
+        ``length_flag``: the flag holding the run length, which a resumed checkpoint must not exceed;
+        ``legacy``: see :func:`changed_flags`."""
+        run = cls(Path(path), hparams, resume, resumable, length_flag, legacy)
         try:
             run._make_writable()
             run._lock()
@@ -177,7 +184,7 @@ class RunFolder:
         saved = read_json(self.path / "hparams.json",
                           f"the flags this run trained with are unknown, so it cannot be resumed or tested; "
                           f"start a fresh run in another --log_dir, or delete {self.path} and rerun without --resume")
-        changed = changed_flags(saved, self.hparams, self.allowed)
+        changed = changed_flags(saved, self.hparams, self.allowed, self.legacy)
         if changed:
             raise CS330Error(
                 f"{self.path} was trained with other flags ({'; '.join(changed)}). Rerun with the run's "

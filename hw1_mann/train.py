@@ -57,17 +57,40 @@ from common.runlog import build_run_name, resolve_run_dir
 from common.seeding import seed_everything
 from hw1_mann.data import CourseSampler, SantoroSampler, TaskSampler, check_episode_shape, check_task_shape
 from hw1_mann.evaluate import evaluate
-from hw1_mann.models import build_model, check_bf16_runs, sequence_loss
+from hw1_mann.models import LRU_WRITES, MEMORY_IMPLS, build_model, check_bf16_runs, sequence_loss
 
 HOMEWORK = "hw1_mann"
 # Flags a --resume (or --test) may change besides common.cli.RUN_ONLY_FLAGS: the run length, the
 # evaluation interval and the numbers of tasks scored do not change the weights trained so far.
-RESUMABLE_FLAGS = ("train_steps", "eval_freq", "eval_tasks", "num_test_tasks")
+RESUMABLE_FLAGS = ("train_steps", "eval_freq", "eval_tasks", "num_test_tasks", "memory_impl")
+# What a run folder from before a flag existed trained with (its hparams.json lacks the flag).
+LEGACY_FLAGS = {"key_strength": "none", "lru_write": "per_head"}
 FP32_BECAUSE = "hw1's LSTM/memory models were not measured faster in bf16"
 # The samplers of a run: each its own seeded generator, so validation never shifts the training data
 # order. "test" is the small test meta-batch of every --eval_freq step; "final" scores the end model.
 SAMPLERS = (("train", "train"), ("val", "val"), ("test", "test"), ("final", "test"))
+# --memory_impl auto compiles the memory model's step from this run length on: the compiles (18 s
+# for training's graphs on an AVX2 core, and again for evaluation's, hw1 README) are then a small part of the run.
+COMPILE_FROM_STEPS = 2000
 INSTANCES = (1, 2, 3, 4, 5, 10)  # the columns of Santoro et al.'s table 1, logged under --protocol santoro
+
+
+def resolve_memory_impl(args: argparse.Namespace, device: torch.device) -> str:
+    """``--memory_impl``, with ``auto`` resolved (see its help; left as given for the LSTM)."""
+    if args.memory_impl != "auto" or args.model != "memory":
+        return args.memory_impl
+    return "compiled" if device.type == "cpu" and args.train_steps >= COMPILE_FROM_STEPS and has_cpp_compiler() \
+        else "fast"
+
+
+def has_cpp_compiler() -> bool:
+    """Whether torch.compile finds the C++ compiler it builds CPU kernels with."""
+    from torch._inductor.cpp_builder import get_cpp_compiler  # imported here: it loads all of inductor
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001  (inductor raises several kinds when no compiler is found)
+        return False
+    return True
 
 
 def str2bool(text: str) -> bool:
@@ -101,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory model: read with softmax(cosine) as Santoro et al. (none), or with a learned "
                              "per-head strength softmax(beta * cosine), beta = softplus(linear(h)), as the NTM "
                              "(learned) (default: none)")
+    parser.add_argument("--lru_write", choices=LRU_WRITES, default="paper",
+                        help="memory model: where a head's least-used write goes: paper = Santoro et al.'s w^lu, "
+                             "all num_reads least-used slots for every head; per_head = head j to the j-th "
+                             "least-used slot only (this repo's rule before 2026-12-04) (default: paper)")
+    parser.add_argument("--memory_impl", choices=("auto", *MEMORY_IMPLS), default="auto",
+                        help="memory model: plain = models.MemoryMANN, the paper's equations step by step; fast = "
+                             "FastMemoryMANN, the same network in fewer, larger kernels; compiled = fast with each "
+                             "step through torch.compile (compiles of some 20 s first); auto = compiled on a "
+                             f"CPU with a C++ compiler for runs of {COMPILE_FROM_STEPS}+ steps, else fast. The same "
+                             "weights and maths, so a --resume may change it (default: auto)")
     parser.add_argument("--protocol", choices=("course", "santoro"), default="course",
                         help="course: K support rows then a query row, loss on the query; santoro: Santoro et al. "
                              "2016's episodes, labels shown one step late, loss on every step (default: course)")
@@ -153,7 +186,7 @@ def run_name(args: argparse.Namespace, precision: str | None = None) -> str:
              "prec": precision, "seed": args.random_seed}
     if args.model == "memory":
         parts.update(slots=args.memory_slots, mdim=args.memory_dim, reads=args.num_reads,
-                     **({"ks": args.key_strength} if args.key_strength != "none" else {}))
+                     **({"ks": args.key_strength} if args.key_strength != "none" else {}), lru=args.lru_write)
     return build_run_name(f"{args.model}_santoro" if santoro else args.model, parts)
 
 
@@ -191,10 +224,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return splits
 
     splits = parallel.main_first(load_splits)
+    args.memory_impl = memory_impl = resolve_memory_impl(args, device)  # hparams and results.json record it resolved
     seed_everything(args.random_seed)  # before the model is built: its initial weights depend on the seed
     model = build_model(args.model, args.num_classes, args.hidden_dim, memory_slots=args.memory_slots,
                         memory_dim=args.memory_dim, num_reads=args.num_reads,
-                        key_strength=args.key_strength == "learned").to(device)
+                        key_strength=args.key_strength == "learned", lru_write=args.lru_write,
+                        memory_impl=memory_impl).to(device)
     if precision == "bf16":
         check_bf16_runs(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
@@ -219,7 +254,8 @@ def open_run(parallel: DataParallel, run_dir: Path, hparams: dict[str, Any], res
              test_hint: str = "") -> RunFolder | FollowerRun:
     """The run folder on rank 0 (lock, resume rules), a ``FollowerRun`` on the others."""
     return parallel.open_run(lambda: RunFolder.open(run_dir, hparams, resume=resume, resumable=RESUMABLE_FLAGS,
-                                                    test_hint=test_hint, length_flag="train_steps"))
+                                                    test_hint=test_hint, length_flag="train_steps",
+                                                    legacy=LEGACY_FLAGS))
 
 
 def evaluate_checkpoint(args: argparse.Namespace, model: nn.Module, state: dict[str, Any],
@@ -332,7 +368,7 @@ def train(run: RunFolder | FollowerRun, run_dir: Path, args: argparse.Namespace,
         metrics = {"test_acc": final["acc"], "test_acc_ci95": final["acc_ci95"], "test_loss": final["loss"],
                    "test_acc_by_instance": final["acc_by_instance"],
                    "val_acc": history[-1]["val_acc"] if history else None, "steps": args.train_steps,
-                   "steps_per_sec": steps_per_sec, "history": history}
+                   "steps_per_sec": steps_per_sec, "memory_impl": args.memory_impl, "history": history}
         logger.finish(metrics)
     return metrics
 

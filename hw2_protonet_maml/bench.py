@@ -160,36 +160,40 @@ def profile_variant(maml: MAML, variants: dict, name: str) -> None:
 
 
 def bench_protonet(args, device, sampler) -> None:
-    """ProtoNet training steps for each precision and chunking of the embedding forwards: one task per
-    forward (the model, and the course code) or one pass over the whole meta-batch (batch norm then
-    mixes the tasks' statistics; timed here only for the comparison); and the 600-task evaluation."""
+    """ProtoNet training steps for each precision, layout and chunking of the embedding forwards: the
+    model's NCHW weights or channels-last ones (always under bf16); one task per forward (the model,
+    and the course code) or one pass over the whole meta-batch (batch norm then mixes the tasks'
+    statistics; timed here only for the comparison); and the 600-task evaluation."""
     limits = conv_limits(argparse.Namespace(**{**vars(args), "conv_stride": 1}), device)
     print(f"\nProtoNet training: {args.num_way}-way {args.num_support}-shot {args.num_query}-query, "
           f"batch {args.batch_size} tasks; evaluation: {args.eval_tasks} tasks")
-    print(f"{'precision':<10}{'chunking':<18}{'s/iter':>9}{'episodes/s':>12}{'GFLOP/s':>9}{'of limit':>10}"
-          f"{'eval s':>8}")
-    for precision in ("fp32",) if args.no_bf16 else ("fp32", "bf16"):
-        for chunking in ("per task", "whole meta-batch"):
-            model = ProtoNet().to(device)
-            if precision == "bf16":
-                model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-            if chunking != "per task":
-                model.embed_tasks = lambda s, q, m=model: _embed_meta_batch(m, s, q)
+    print(f"{'precision':<10}{'layout':<15}{'chunking':<18}{'s/iter':>9}{'episodes/s':>12}{'GFLOP/s':>9}"
+          f"{'of limit':>10}{'eval s':>8}")
+    rows = [("fp32", "NCHW", "per task"), ("fp32", "channels-last", "per task"),
+            ("fp32", "channels-last", "whole meta-batch")]
+    if not args.no_bf16:
+        rows += [("bf16", "channels-last", "per task"), ("bf16", "channels-last", "whole meta-batch")]
+    for precision, layout, chunking in rows:
+        model = ProtoNet().to(device)
+        if layout == "channels-last":
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        if chunking != "per task":
+            model.embed_tasks = lambda s, q, m=model: _embed_meta_batch(m, s, q)
 
-            def step(model=model, optimizer=optimizer, precision=precision):
-                with autocast(device, precision):
-                    loss, _ = model(sampler.sample(args.batch_size))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        def step(model=model, optimizer=optimizer, precision=precision):
+            with autocast(device, precision):
+                loss, _ = model(sampler.sample(args.batch_size))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
 
-            seconds = timed(step, device, args.repeats, warmup=1)[1]
-            rate = counted_flops(step) / seconds / 1e9
-            evaluation = f"{evaluate_protonet(model, args, device, sampler, precision):>8.1f}" \
-                if chunking == "per task" else f"{'':>8}"
-            print(f"{precision:<10}{chunking:<18}{seconds:>9.3f}{args.batch_size / seconds:>12.1f}{rate:>9.0f}"
-                  f"{rate / limits[precision]:>10.1%}{evaluation}")
+        seconds = timed(step, device, args.repeats, warmup=1)[1]
+        rate = counted_flops(step) / seconds / 1e9
+        evaluation = f"{evaluate_protonet(model, args, device, sampler, precision):>8.1f}" \
+            if chunking == "per task" else f"{'':>8}"
+        print(f"{precision:<10}{layout:<15}{chunking:<18}{seconds:>9.3f}{args.batch_size / seconds:>12.1f}"
+              f"{rate:>9.0f}{rate / limits[precision]:>10.1%}{evaluation}")
 
 
 def evaluate_protonet(model: ProtoNet, args, device, sampler, precision: str) -> float:

@@ -60,6 +60,18 @@ def test_resume_refuses_changed_flags_but_allows_the_run_length(tmp_path):
         RunFolder.open(tmp_path / "run", {"lr": 0.5, "steps": 20}, resume=True, resumable=("steps",))
 
 
+def test_a_flag_newer_than_the_run_reads_as_its_legacy_value(tmp_path):
+    with RunFolder.open(tmp_path / "run", {"lr": 0.1}) as run:
+        run.logger().close()  # hparams.json without "rule": the run is older than that flag
+        run.save(1, {"model": {"w": torch.ones(1)}, "optimizer": {}, "rng": {}})
+    with RunFolder.open(tmp_path / "run", {"lr": 0.1, "rule": "old"}, resume=True, legacy={"rule": "old"}) as run:
+        assert run.resume_state()["step"] == 1
+    with pytest.raises(CS330Error, match="--rule old -> new"):
+        RunFolder.open(tmp_path / "run", {"lr": 0.1, "rule": "new"}, resume=True, legacy={"rule": "old"})
+    with pytest.raises(CS330Error, match="--rule None -> old"):  # no legacy value: an unknown one, refused
+        RunFolder.open(tmp_path / "run", {"lr": 0.1, "rule": "old"}, resume=True)
+
+
 def test_non_finite_weights_are_never_written(tmp_path):
     save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(3)}})
     with pytest.raises(CS330Error, match=r"non-finite by step 2 \(w\); the last good checkpoint \(step 1\)"):

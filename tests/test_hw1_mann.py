@@ -18,7 +18,7 @@ import torch
 from common.errors import CS330Error
 from hw1_mann import train as train_script
 from hw1_mann.data import CourseSampler, check_task_shape
-from hw1_mann.models import LSTMMANN, MemoryMANN, query_loss
+from hw1_mann.models import LSTMMANN, FastMemoryMANN, MemoryMANN, query_loss
 
 REPO = Path(__file__).resolve().parents[1]
 # A run that takes a fraction of a second: 3-way 1-shot, 4 tasks per step, 2 steps, a checkpoint each step.
@@ -89,7 +89,7 @@ def test_impossible_task_shapes_are_refused(omniglot_store):
         CourseSampler(omniglot_store.split("train")[:10], num_classes=11, num_shot=1)
 
 
-@pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN])
+@pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN, FastMemoryMANN])
 def test_output_shape_and_query_labels_are_hidden(model_cls):
     torch.manual_seed(0)
     model = model_cls(4, hidden_dim=16)

@@ -13,7 +13,7 @@ from common.errors import CS330Error
 from hw1_mann import train as train_script
 from hw1_mann.data import SantoroBatch, SantoroSampler, instance_numbers
 from hw1_mann.evaluate import batch_scores, evaluate
-from hw1_mann.models import LSTMMANN, MemoryMANN, santoro_inputs, santoro_loss, sequence_loss
+from hw1_mann.models import LSTMMANN, FastMemoryMANN, MemoryMANN, santoro_inputs, santoro_loss, sequence_loss
 
 # 3 classes x 4 presentations = 12-step episodes, 4 episodes per step, 2 steps.
 TINY = ["--protocol", "santoro", "--num_classes", "3", "--presentations", "4", "--meta_batch_size", "4",
@@ -60,7 +60,7 @@ def test_each_label_arrives_one_step_after_its_image():
         santoro_inputs(images, labels[:, :4], 3)
 
 
-@pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN])
+@pytest.mark.parametrize("model_cls", [LSTMMANN, MemoryMANN, FastMemoryMANN])
 def test_a_prediction_never_sees_its_own_label(model_cls):
     torch.manual_seed(0)
     model = model_cls(3, hidden_dim=16)
@@ -103,16 +103,18 @@ def test_accuracy_by_instance_groups_the_steps_of_one_forward(omniglot_store):
 def test_train_script_runs_the_protocol_and_names_it(omniglot_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("CS330_RUNS_DIR", str(tmp_path / "runs"))
     metrics = train_script.main(["--data_dir", str(omniglot_data_dir), *TINY, "--model", "memory",
-                                 "--memory_slots", "8"])
+                                 "--memory_slots", "8", "--memory_impl", "plain"])
     (run,) = (tmp_path / "runs" / "hw1_mann").iterdir()
     assert run.name.startswith("memory_santoro_N3_P4_B4_") and "_K" not in run.name
     assert len(metrics["test_acc_by_instance"]) == 4  # 1st..4th presentation
     assert all(len(record["test_acc_by_instance"]) == 4 for record in metrics["history"])
     assert json.loads((run / "hparams.json").read_text())["protocol"] == "santoro"
-    # The run extends with --resume (the evaluation sizes may change), and --test repeats its figures.
+    # The run extends with --resume (the evaluation sizes and the memory's implementation may change),
+    # and --test repeats its figures.
     extended = train_script.main(["--data_dir", str(omniglot_data_dir), *TINY, "--model", "memory",
                                   "--memory_slots", "8", "--train_steps", "3", "--eval_tasks", "2", "--resume"])
     assert extended["steps"] == 3 and extended["history"][-1]["step"] == 3
+    assert metrics["memory_impl"] == "plain" and extended["memory_impl"] == "fast"  # auto, resolved: 3 steps
     retest = train_script.main(["--data_dir", str(omniglot_data_dir), *TINY, "--model", "memory",
                                 "--memory_slots", "8", "--train_steps", "3", "--eval_tasks", "2", "--test"])
     assert retest["test_acc_by_instance"] == extended["test_acc_by_instance"]
@@ -196,3 +198,80 @@ def test_learned_key_strength_adds_one_trained_layer_and_the_default_is_unchange
     images, labels = torch.rand(2, 6, 784), torch.randint(0, 3, (2, 6))
     santoro_loss(strong(images, labels), labels).backward()
     assert strong.key_strength.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lru_write", ["paper", "per_head"])
+def test_the_least_used_write_goes_where_the_rule_says(lru_write):
+    """With the write gate shut (all weight on w^lu), the paper's rule adds every head's key to each of
+    the H least-used slots; per_head adds head j's key to the j-th least-used slot only."""
+    torch.manual_seed(0)
+    model = MemoryMANN(3, hidden_dim=8, memory_slots=6, memory_dim=4, num_reads=2, lru_write=lru_write)
+    nn.init.zeros_(model.write_gate.weight)
+    nn.init.constant_(model.write_gate.bias, -40.0)  # sigmoid(alpha) ~ 4e-18
+    h = torch.randn(1, 8)
+    _, _, state = model.initial_state(torch.zeros(1, 1, 1))
+    ranked = torch.tensor([[3, 1]])  # slot 3 least used, then slot 1
+    state = state._replace(memory=torch.zeros(1, 6, 4), usage=torch.tensor([[0.5, 0.2, 0.9, 0.1, 0.8, 0.7]]),
+                           least_used=model.least_used_weights(ranked, torch.float32))
+    keys = torch.tanh(model.key(h)).view(2, 4)  # [H, dim]
+    memory = model.memory_step(h, state).memory[0]  # [slots, dim]
+    if lru_write == "paper":
+        expected = {3: keys.sum(0), 1: keys.sum(0)}
+    else:
+        expected = {3: keys[0], 1: keys[1]}
+    for slot in range(6):
+        torch.testing.assert_close(memory[slot], expected.get(slot, torch.zeros(4)), atol=1e-6, rtol=0)
+
+
+def test_the_next_least_used_weights_follow_the_usage():
+    torch.manual_seed(0)
+    for lru_write, ones_per_head in (("paper", 2), ("per_head", 1)):
+        model = MemoryMANN(3, hidden_dim=8, memory_slots=6, memory_dim=4, num_reads=2, lru_write=lru_write)
+        _, _, state = model.initial_state(torch.zeros(5, 1, 1))
+        assert state.least_used.shape == (5, 2, 6) and (state.least_used.sum(-1) == ones_per_head).all()
+        new = model.memory_step(torch.randn(5, 8), state)
+        least = new.usage.topk(2, dim=1, largest=False).indices  # [B, H]
+        for b in range(5):
+            chosen = [set(row.nonzero().flatten().tolist()) for row in new.least_used[b]]
+            assert chosen == ([set(least[b].tolist())] * 2 if lru_write == "paper" else
+                              [{int(least[b, 0])}, {int(least[b, 1])}])
+    with pytest.raises(CS330Error, match="choose one of paper, per_head"):
+        MemoryMANN(3, lru_write="lru")
+
+
+def test_a_run_from_before_lru_write_reads_as_per_head(omniglot_data_dir, tmp_path, capsys):
+    """A run folder whose hparams.json lacks --lru_write trained with the rule of its time (per_head):
+    --test with that rule takes it, the new default is refused with what changed."""
+    run = tmp_path / "run"
+    flags = ["--data_dir", str(omniglot_data_dir), *TINY, "--model", "memory", "--memory_slots", "8",
+             "--memory_impl", "plain", "--log_dir", str(run)]
+    trained = train_script.main([*flags, "--lru_write", "per_head"])
+    hparams = json.loads((run / "hparams.json").read_text())
+    del hparams["lru_write"]
+    (run / "hparams.json").write_text(json.dumps(hparams))
+    retest = train_script.main([*flags, "--lru_write", "per_head", "--test"])
+    assert retest["test_acc_by_instance"] == trained["test_acc_by_instance"]
+    with pytest.raises(SystemExit) as info:
+        train_script.main([*flags, "--test"])
+    assert info.value.code == 2 and "--lru_write per_head -> paper" in capsys.readouterr().err
+
+
+def test_ablation_report_reads_validation_and_names_each_difference(tmp_path):
+    import pandas as pd
+
+    from hw1_mann import experiments
+
+    configs = experiments.ablation_configs()
+    assert [c.name for c in configs] == [experiments.ablation_name(v) for v in experiments.ABLATION]
+    assert all(c.argv[:len(experiments.ABLATION_FLAGS)] == experiments.ABLATION_FLAGS for c in configs)
+    assert "--lru_write" not in configs[0].argv and "--key_strength" not in configs[0].argv  # the paper's network
+    history = [{"step": step, "val_acc": step / 20000, "val_acc_by_instance": [0.25, 0.5] + [0.75] * 8}
+               for step in range(500, 12001, 500)]
+    history[8]["val_acc"] = 0.9  # the best, at step 4500
+    rows = [{"name": configs[0].name, "history": history, "test_acc": 0.6, "test_acc_ci95": 0.006,
+             "steps_per_sec": 5.0}]
+    text = experiments.ablation_report(pd.DataFrame(rows), tmp_path)
+    assert "| paper | (the defaults) | 10.0 / 20.0 / 40.0 / 60.0 (90.0 at 4500) | 25.0 / 50.0 / 75.0 / 75.0 / " \
+           "75.0 / 75.0 | 60.0 ± 0.6 | 5.00 |" in text
+    assert "| lru_per_head | --lru_write per_head | not finished |" in text
+    assert (tmp_path / "ablation.png").stat().st_size > 0

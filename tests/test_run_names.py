@@ -29,6 +29,7 @@ HW1_RUN_ONLY = {
     "eval_freq": "when the periodic val/test scores and checkpoints happen; they draw from their own samplers",
     "eval_tasks": "how many tasks the periodic val/test scores use",
     "num_test_tasks": "how many test tasks score the trained model at the end (results.json records it)",
+    "memory_impl": "which implementation of the same network and maths runs (results.json records it)",
 }
 
 # Where a flag applies: the base command line it is changed on (by dest; default: no flag).
@@ -41,7 +42,7 @@ HW0_CONTEXT = {
 }
 HW1_CONTEXT = {
     "memory_slots": ["--model", "memory"], "memory_dim": ["--model", "memory"], "num_reads": ["--model", "memory"],
-    "key_strength": ["--model", "memory"],
+    "key_strength": ["--model", "memory"], "lru_write": ["--model", "memory"],
     "presentations": ["--protocol", "santoro"],
 }
 
