@@ -33,7 +33,7 @@ wait
 echo "all workers ended after $(($(date +%s) - start)) s"
 
 cp "$root/results.md" "$root/protonet_paper.png" "$out/" 2>/dev/null
-cp "$out/logs/gpu_check.log" "$out/"
+[ -f "$out/logs/gpu_check.log" ] && cp "$out/logs/gpu_check.log" "$out/"
 for folder in "$root"/protonet_paper_*/; do
     name=$(basename "$folder")
     newest=$(ls "$folder/checkpoints" 2>/dev/null | sort -V | tail -n 1)

@@ -1,4 +1,5 @@
-"""Wall-clock timing for the bench scripts, with the device synchronised around the timed calls."""
+"""Wall-clock timing for the bench scripts, with the device synchronised around the timed calls, and
+their FLOP counts."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 T = TypeVar("T")
 
@@ -28,3 +30,10 @@ def timed(fn: Callable[[], T], device: torch.device, repeats: int = 1, warmup: i
         result = fn()
     _sync(device)
     return result, (time.perf_counter() - start) / repeats
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs ``FlopCounterMode`` counts in one call of ``fn`` (ops it knows: matmuls, convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()

@@ -255,16 +255,25 @@ class FastMemoryMANN(MemoryMANN):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         steps = step_inputs(images, labels, self.num_classes)  # [B, T, 784+N]
         h, c, memory_state = self.initial_state(steps)
-        lstm, inputs = self.controller, steps.shape[-1]
-        # The controller's gates = [x_t, r_{t-1}] W_ih^T + h W_hh^T + biases, its x_t part for all steps here.
-        step_gates = torch.addmm(lstm.bias_ih + lstm.bias_hh, steps.flatten(0, 1), lstm.weight_ih[:, :inputs].t())
-        # [H*dim + hidden, 4*hidden]: the weights of [r_{t-1}, h_{t-1}], applied in each step
-        recurrent_weights = torch.cat([lstm.weight_ih[:, inputs:], lstm.weight_hh], dim=1).t()
+        recurrent_weights = self.recurrent_weights()
         features = []
-        for gates in step_gates.view(*steps.shape[:2], -1).unbind(1):  # [B, 4*hidden] per step
+        for gates in self.input_gates(steps).unbind(1):  # [B, 4*hidden] per step
             h, c, memory_state = self.step(gates, recurrent_weights, h, c, memory_state)
             features.append(torch.cat([h, memory_state.reads], dim=-1))
         return _as_labels(self.output(torch.stack(features, dim=1)), labels)  # [B, T, N]
+
+    def input_gates(self, steps: torch.Tensor) -> torch.Tensor:
+        """The x_t part of the controller's gates ``[x_t, r_{t-1}] W_ih^T + h W_hh^T + biases`` (with the
+        biases) for the inputs ``steps`` ``[..., 784+N]``, all in one matmul: ``[..., 4*hidden]``."""
+        lstm, inputs = self.controller, steps.shape[-1]
+        gates = torch.addmm(lstm.bias_ih + lstm.bias_hh, steps.flatten(0, -2), lstm.weight_ih[:, :inputs].t())
+        return gates.view(*steps.shape[:-1], -1)
+
+    def recurrent_weights(self) -> torch.Tensor:
+        """``[H*dim + hidden, 4*hidden]``: the controller's weights of ``[r_{t-1}, h_{t-1}]``, applied in each step."""
+        lstm = self.controller
+        inputs = lstm.input_size - self.num_reads * self.memory_dim
+        return torch.cat([lstm.weight_ih[:, inputs:], lstm.weight_hh], dim=1).t()
 
     def plain_step(self, gates: torch.Tensor, recurrent_weights: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
                    state: MemoryState) -> tuple[torch.Tensor, torch.Tensor, MemoryState]:

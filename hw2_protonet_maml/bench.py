@@ -24,11 +24,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from common.device import DEVICE_CHOICES, autocast, configure_threads, cpu_capability, resolve_device
 from common.omniglot import EpisodeSampler, OmniglotStore
-from common.timing import timed
+from common.timing import counted_flops, timed
 from hw2_protonet_maml.maml import MAML, TaskVmapMAML
 from hw2_protonet_maml.networks import ConvNet
 from hw2_protonet_maml.protonet import ProtoNet
@@ -38,12 +37,6 @@ def meta_gradient(maml: MAML, loss_fn: Callable[[], torch.Tensor]) -> torch.Tens
     maml.zero_grad(set_to_none=True)
     loss_fn().backward()
     return torch.cat([p.grad.flatten() for p in maml.meta_params().values()])
-
-
-def counted_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def conv_limits(args, device) -> dict[str, float]:

@@ -43,10 +43,7 @@ def plain_step(model: MemoryMANN, x_t: torch.Tensor, h, c, state: MemoryState):
 
 def fast_step(model: FastMemoryMANN, x_t: torch.Tensor, h, c, state: MemoryState):
     """FastMemoryMANN.forward's step for one x_t: its input part of the gates, then ``step``."""
-    lstm, inputs = model.controller, x_t.shape[-1]
-    gates = torch.addmm(lstm.bias_ih + lstm.bias_hh, x_t, lstm.weight_ih[:, :inputs].t())
-    recurrent = torch.cat([lstm.weight_ih[:, inputs:], lstm.weight_hh], dim=1).t()
-    return model.step(gates, recurrent, h, c, state)
+    return model.step(model.input_gates(x_t), model.recurrent_weights(), h, c, state)
 
 
 def assert_same_step(plain_out, fast_out) -> None:
